@@ -298,8 +298,8 @@ def parse_settings(values: Mapping[str, str | None], base_dir: Path = PROJECT_DI
         raise ConfigError("BATCH_SIZE", f"deve ser de 1 a 2000 (recebido: {batch_size})")
 
     monitor_name = r.str("MONITOR_NAME", "bemsoft")
-    if len(monitor_name) > 100:
-        raise ConfigError("MONITOR_NAME", "deve ter no máximo 100 caracteres")
+    if len(monitor_name) > 90:
+        raise ConfigError("MONITOR_NAME", "deve ter no máximo 90 caracteres")
 
     return Settings(
         database_url=database_url,

@@ -1,0 +1,75 @@
+"""Wiring: settings -> engine, source, client, catalog, failure store, monitor.
+
+The CLIs, the demo and the tests build their objects here, so every path runs the same
+pipeline with the same parts."""
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import sys
+import threading
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from .catalog import Catalog, PlaceholderCatalog
+from .client import BemsoftClient
+from .config import Settings
+from .db import create_db_engine
+from .failures import FailureStore
+from .monitor import Monitor
+from .retry import PauseGate
+from .source import LegacySource
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(settings: Settings, *, stream=None, to_file: bool = True) -> None:
+    """Console always; a rotating file at LOG_FILE when set (issue: operations)."""
+    root = logging.getLogger()
+    root.setLevel(settings.log_level)
+    for handler in list(root.handlers):
+        if getattr(handler, "_bemsoft", False):
+            root.removeHandler(handler)
+            handler.close()
+    console = logging.StreamHandler(stream or sys.stderr)
+    console.setFormatter(logging.Formatter(LOG_FORMAT))
+    console._bemsoft = True
+    root.addHandler(console)
+    if to_file and settings.log_file:
+        path = Path(settings.log_file)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            file_handler = logging.handlers.RotatingFileHandler(
+                path, maxBytes=10 * 1024 * 1024, backupCount=10, encoding="utf-8")
+        except OSError as err:
+            logging.getLogger(__name__).warning("Não foi possível abrir LOG_FILE=%s (%s); "
+                                                "registrando só no console.", path, err)
+        else:
+            file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+            file_handler._bemsoft = True
+            root.addHandler(file_handler)
+    logging.getLogger("urllib3").setLevel(max(logging.WARNING, root.level))
+
+
+def make_client(settings: Settings, shutdown: threading.Event | None = None) -> BemsoftClient | None:
+    """No client in DRY_RUN without a token (nothing to call)."""
+    if settings.dry_run and not settings.token:
+        return None
+    return BemsoftClient(settings, PauseGate(shutdown))
+
+
+def make_catalog(settings: Settings, client: BemsoftClient | None):
+    if client is None:
+        return PlaceholderCatalog()
+    return Catalog(client.fetch_tests, settings.tests_ttl)
+
+
+def build_monitor(settings: Settings, *, engine: sa.Engine | None = None,
+                  shutdown: threading.Event | None = None, on_dry_run=None) -> Monitor:
+    engine = engine if engine is not None else create_db_engine(settings)
+    shutdown = shutdown or threading.Event()
+    client = make_client(settings, shutdown)
+    return Monitor(settings, LegacySource(engine, settings.monitor_name, settings.terceiros),
+                   client, make_catalog(settings, client), FailureStore(settings.failed_dir),
+                   shutdown=shutdown, on_dry_run=on_dry_run)

@@ -1,0 +1,145 @@
+"""`--check` and `--status`: what an operator runs to see whether the set-up works and
+where things stand. Output is pt-BR text on stdout."""
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import logging
+import sys
+
+from .catalog import Catalog, CatalogUnavailable
+from .client import ApiError, BemsoftClient
+from .config import ConfigError, Settings
+from .failures import FailureFileError, FailureStore
+
+log = logging.getLogger(__name__)
+
+
+def _line(ok: bool | None, text: str, out) -> None:
+    mark = {True: "[OK]  ", False: "[ERRO]", None: "[AVISO]"}[ok]
+    print(f"{mark} {text}", file=out, flush=True)
+
+
+def run_checks(settings: Settings, out=None) -> int:
+    from .db import DatabaseUnavailable, connect_check, create_db_engine
+    from .source import LegacySource
+
+    out = out or sys.stdout
+    problems = 0
+    _line(True, f"Configuração válida (laboratórios: {', '.join(settings.terceiros)}; "
+                f"DRY_RUN={'1' if settings.dry_run else '0'})", out)
+    engine = None
+    try:
+        engine = create_db_engine(settings)
+        connect_check(engine, settings)
+    except (DatabaseUnavailable, ConfigError) as err:
+        _line(False, str(err), out)
+        problems += 1
+    else:
+        _line(True, f"Banco de dados acessível ({engine.dialect.name})", out)
+        source = LegacySource(engine, settings.monitor_name, settings.terceiros)
+        try:
+            has_state = source.state_tables_exist()
+            checkpoint = source.read_checkpoint() if has_state else None
+            if checkpoint is None:
+                total = source.count_backlog(0)
+                start = settings.start_from
+                msg = (f"Sem checkpoint ainda (primeira execução): {total} itens de apoio no banco; "
+                       + (f"START_FROM={start}" if start is not None else
+                          "defina START_FROM (latest, 0 ou um CodItemSol) antes de iniciar"))
+                _line(True if start is not None else False, msg, out)
+                problems += start is None
+            else:
+                _line(True, f"Checkpoint {checkpoint}; backlog: {source.count_backlog(checkpoint)} itens", out)
+        except Exception as err:  # report, do not crash the check
+            _line(False, f"Não foi possível ler as tabelas do legado: {err}", out)
+            problems += 1
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+    if settings.token:
+        client = BemsoftClient(settings)
+        catalog = Catalog(client.fetch_tests, settings.tests_ttl)
+        try:
+            catalog.refresh()
+            _line(True, f"Catálogo /tests carregado com o token: {catalog.size()} exames", out)
+            missing = sorted({m.test_id for m in settings.test_map.values()} - set(catalog._by_id))
+            if missing:
+                _line(None, "Códigos do BEMSOFT_TEST_MAP_PATH ausentes do catálogo: "
+                            + ", ".join(missing), out)
+        except (CatalogUnavailable, ApiError) as err:
+            _line(False, f"Catálogo /tests: {err}", out)
+            problems += 1
+        finally:
+            client.close()
+    elif settings.dry_run:
+        _line(None, "Sem BEMSOFT_TOKEN: DRY_RUN usará o material fictício SPECIMEN-TEST", out)
+    failures = FailureStore(settings.failed_dir).files()
+    if failures:
+        _line(None, f"{len(failures)} arquivo(s) de falha em {settings.failed_dir} "
+                    "(reenvie com retry_failed.py)", out)
+    print(("Tudo certo." if not problems else f"{problems} problema(s) encontrado(s)."),
+          file=out, flush=True)
+    return 1 if problems else 0
+
+
+def summarize_failures(store: FailureStore) -> dict:
+    files = store.files()
+    reasons = collections.Counter()
+    unreadable = []
+    oldest = None
+    for path in files:
+        try:
+            record = store.load(path)
+        except FailureFileError:
+            unreadable.append(path)
+            continue
+        reasons[record.reason.split(":")[0][:90]] += 1
+        if record.created_at and (oldest is None or record.created_at < oldest):
+            oldest = record.created_at
+    return {"count": len(files), "oldest": oldest, "reasons": reasons, "unreadable": unreadable}
+
+
+def print_status(settings: Settings, out=None) -> int:
+    from .db import DatabaseUnavailable, connect_check, create_db_engine
+    from .source import LegacySource
+
+    out = out or sys.stdout
+    code = 0
+    engine = None
+    try:
+        engine = create_db_engine(settings)
+        connect_check(engine, settings)
+        source = LegacySource(engine, settings.monitor_name, settings.terceiros)
+        if source.state_tables_exist():
+            checkpoint = source.read_checkpoint()
+            last = source.last_delivery()
+        else:
+            checkpoint, last = None, None
+        if checkpoint is None:
+            print(f"Checkpoint: nenhum (o monitor '{settings.monitor_name}' ainda não rodou)", file=out)
+            print(f"Backlog: {source.count_backlog(0)} itens de apoio no banco", file=out)
+        else:
+            print(f"Checkpoint: {checkpoint}", file=out)
+            print(f"Backlog: {source.count_backlog(checkpoint)} itens além do checkpoint", file=out)
+        if last is not None:
+            when = last.replace(tzinfo=dt.timezone.utc).astimezone(settings.tz)
+            print(f"Última entrega: {when:%Y-%m-%d %H:%M:%S %z}", file=out)
+        else:
+            print("Última entrega: nenhuma registrada", file=out)
+    except (DatabaseUnavailable, ConfigError) as err:
+        print(f"Banco de dados: {err}", file=out)
+        code = 1
+    finally:
+        if engine is not None:
+            engine.dispose()
+    summary = summarize_failures(FailureStore(settings.failed_dir))
+    print(f"Falhas em {settings.failed_dir}: {summary['count']} arquivo(s)"
+          + (f", a mais antiga de {summary['oldest']}" if summary["oldest"] else ""), file=out)
+    for reason, count in summary["reasons"].most_common():
+        print(f"  {count:5d}  {reason}", file=out)
+    for path in summary["unreadable"]:
+        print(f"  ilegível: {path.name}", file=out)
+    out.flush()
+    return code

@@ -1,0 +1,129 @@
+"""The failure store: one JSON file per failed solicitation (or part of one) in FAILED_DIR,
+written atomically and readable by the owner only, since it holds patient data."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CLAIM_SUFFIX = ".claimed"
+
+
+class FailureWriteError(Exception):
+    """The failure file could not be written (disk full, permissions): nothing is recorded."""
+
+
+class FailureFileError(Exception):
+    """A failure file cannot be read or parsed."""
+
+
+@dataclass
+class FailureRecord:
+    reason: str
+    key: str
+    cod: str
+    item_ids: list[int]
+    event: dict
+    http_status: int | None = None
+    attempts: int = 0
+    response: str = ""
+    created_at: str = ""
+
+    def to_json(self) -> dict:
+        return {"version": FORMAT_VERSION, "created_at": self.created_at, "reason": self.reason,
+                "http_status": self.http_status, "attempts": self.attempts,
+                "idempotency_key": self.key, "cod_solicitacao": self.cod,
+                "item_ids": self.item_ids, "response": self.response, "event": self.event}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "FailureRecord":
+        if not isinstance(data, dict) or not isinstance(data.get("event"), dict):
+            raise FailureFileError("o arquivo não tem o campo 'event' com a solicitação")
+        event = data["event"]
+        if not isinstance(event.get("items"), list) or not event["items"]:
+            raise FailureFileError("o evento não tem itens ('event.items')")
+        try:
+            item_ids = [int(i["CodItemSol"]) for i in event["items"]]
+        except (KeyError, TypeError, ValueError):
+            raise FailureFileError("há item sem CodItemSol válido em 'event.items'") from None
+        return cls(reason=str(data.get("reason", "")), key=str(data.get("idempotency_key") or ""),
+                   cod=str(data.get("cod_solicitacao") or event.get("cod_solicitacao") or ""),
+                   item_ids=item_ids, event=event, http_status=data.get("http_status"),
+                   attempts=int(data.get("attempts") or 0), response=str(data.get("response") or ""),
+                   created_at=str(data.get("created_at") or ""))
+
+
+class FailureStore:
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    def _ensure_dir(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    @staticmethod
+    def filename(record: FailureRecord, now: dt.datetime) -> str:
+        safe_cod = re.sub(r"[^0-9A-Za-z_-]", "_", record.cod)[:40] or "sem_cod"
+        safe_key = re.sub(r"[^0-9A-Za-z_-]", "_", record.key)[-24:]
+        return f"{now:%Y%m%dT%H%M%S}Z_{safe_cod}_{safe_key}.json"
+
+    def write(self, record: FailureRecord) -> Path:
+        """Atomic write (temp file + fsync + rename), mode 0600. Raises FailureWriteError."""
+        now = dt.datetime.now(dt.timezone.utc)
+        record.created_at = record.created_at or now.isoformat(timespec="seconds")
+        data = json.dumps(record.to_json(), ensure_ascii=False, indent=2).encode("utf-8")
+        tmp_name = None
+        try:
+            self._ensure_dir()
+            target = self.directory / self.filename(record, now)
+            fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=self.directory)
+            try:
+                if hasattr(os, "fchmod"):  # mkstemp already creates 0600 on POSIX
+                    os.fchmod(fd, 0o600)
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp_name, target)
+            tmp_name = None
+            return target
+        except OSError as err:
+            raise FailureWriteError(f"não foi possível gravar a falha em {self.directory}: {err}") from err
+        finally:
+            if tmp_name:
+                try:
+                    os.unlink(tmp_name)
+                except OSError:
+                    pass
+
+    def files(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.glob("*.json") if not p.name.startswith(".tmp-"))
+
+    def has_key(self, key: str) -> bool:
+        """A failure file for this Idempotency-Key already exists (written before a crash)."""
+        safe_key = re.sub(r"[^0-9A-Za-z_-]", "_", key)[-24:]
+        return any(p.name.endswith(f"_{safe_key}.json") for p in self.files())
+
+    @staticmethod
+    def load(path: Path) -> FailureRecord:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise FailureFileError(f"não foi possível ler {path}: {err}") from err
+        return FailureRecord.from_json(data)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]

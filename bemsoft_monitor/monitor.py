@@ -1,0 +1,469 @@
+"""The loop: read a page, group by solicitation, hold what is not quiet yet, build payloads,
+record "sending", POST concurrently, record outcomes and move the checkpoint.
+
+`step()` is one unit of work and returns whether more may be waiting; `run()` drains, then
+sleeps in short slices that watch the shutdown flag. Tests call `step()` directly.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import sqlalchemy as sa
+
+from .catalog import CatalogUnavailable
+from .client import DUPLICATE, PERMANENT, TRANSIENT, BemsoftClient, Delivery
+from .config import Settings
+from .failures import FailureRecord, FailureStore, FailureWriteError
+from .payload import TransformError, build_payload, idempotency_key, make_event
+from .retry import PauseGate
+from .schema import DELIVERED, FAILED
+from .source import ItemRow, LegacySource, Outcome
+
+log = logging.getLogger(__name__)
+
+
+class StartError(Exception):
+    """The monitor cannot start (e.g. first start without START_FROM); str() is pt-BR."""
+
+
+@dataclass
+class Group:
+    """The rows of one solicitation that go (or went) out under one Idempotency-Key."""
+    cod: str
+    rows: list[ItemRow]
+    pending_key: str | None = None
+
+    @property
+    def item_ids(self) -> list[int]:
+        return [r.item_id for r in self.rows]
+
+    def event(self) -> dict:
+        first = self.rows[0]
+        return make_event(first.cod, first.solicitacao, first.paciente, [r.item for r in self.rows])
+
+
+@dataclass
+class Job:
+    cod: str
+    key: str
+    item_ids: list[int]
+    event: dict
+    payload: dict | None = None          # None: nothing to send, `failure` says why
+    failure: FailureRecord | None = None
+    recovered: bool = False
+    delivery: Delivery | None = None
+    outcome: str | None = None           # DELIVERED / FAILED once recorded
+
+
+@dataclass
+class CycleResult:
+    ready: int = 0
+    held: int = 0
+    sent: int = 0
+    transient: int = 0
+    more: bool = False
+
+
+@dataclass
+class Stats:
+    delivered: int = 0
+    delivered_items: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    failed_items: int = 0
+    transient: int = 0
+    last_delivery: float | None = None  # time.time()
+    reasons: collections.Counter = field(default_factory=collections.Counter)
+
+
+class Monitor:
+    def __init__(self, settings: Settings, source: LegacySource, client: BemsoftClient | None,
+                 catalog, failures: FailureStore, *, shutdown: threading.Event | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_dry_run: Callable[[dict, str], None] | None = None):
+        self.settings = settings
+        self.source = source
+        self.client = client
+        self.catalog = catalog
+        self.failures = failures
+        self.shutdown = shutdown or threading.Event()
+        self.gate = client.gate if client else PauseGate(self.shutdown)
+        self.gate.shutdown = self.shutdown
+        self.clock = clock
+        self.on_dry_run = on_dry_run or (lambda payload, key: None)
+        self.dry_run = settings.dry_run
+        self.checkpoint: int | None = None
+        self.floor = 0       # the look-back window never reaches below the start point
+        self.high_water = 0
+        self.stats = Stats()
+        self.last_cycle_at: float | None = None  # time.time() of the last completed cycle
+        self._first_seen: dict[str, tuple[tuple, float]] = {}
+        self._attempts: dict[str, int] = {}
+        self._first_failure: dict[str, float] = {}
+        self._unwritten: dict[str, FailureRecord] = {}
+        self._last_success: float | None = None
+        self._failed_cycles = 0
+        self._dry_done: set[int] = set()
+        self._db_down = False
+        workers = max(1, settings.concurrency)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="sender") if workers > 1 else None
+
+    # ------------------------------------------------------------------ start-up
+    def start(self) -> None:
+        """Create the monitor's tables (not in DRY_RUN) and load or initialise the checkpoint."""
+        if not self.dry_run:
+            self.source.ensure_state_tables()
+        has_state = not self.dry_run or self.source.state_tables_exist()
+        checkpoint = self.source.read_checkpoint() if has_state else None
+        if checkpoint is None:
+            checkpoint = self._first_checkpoint()
+        else:
+            log.info("Checkpoint %s: último CodItemSol processado = %d; %d itens aguardando.",
+                     self.settings.monitor_name, checkpoint, self.source.count_backlog(checkpoint))
+        self.checkpoint = checkpoint
+        # items recorded above the checkpoint (it was held back by an unresolved one)
+        self.high_water = max(checkpoint, self.source.max_recorded_id() if has_state else 0)
+        floor = self.source.read_checkpoint(self.source.floor_name) if has_state else None
+        if floor is None:  # first start, or state left by an older monitor without a floor
+            floor = checkpoint
+            if not self.dry_run:
+                self.source.save_checkpoint(floor, self.source.floor_name)
+        self.floor = floor
+
+    def _first_checkpoint(self) -> int:
+        start_from = self.settings.start_from
+        total = self.source.count_backlog(0)
+        if start_from is None:
+            raise StartError(
+                f"Primeira execução (nenhum checkpoint '{self.settings.monitor_name}' em "
+                f"_MonitorState) e START_FROM não definido: há {total} itens de apoio no banco. "
+                "Defina START_FROM=latest para enviar só o que entrar daqui em diante, "
+                "START_FROM=0 para enviar todo o histórico, ou START_FROM=<CodItemSol>.")
+        checkpoint = self.source.max_item_id() if start_from == "latest" else int(start_from)
+        waiting = self.source.count_backlog(checkpoint)
+        log.info("Primeira execução: START_FROM=%s, começando após CodItemSol %d; "
+                 "%d itens aguardando envio (%d anteriores ignorados).",
+                 start_from, checkpoint, waiting, total - waiting)
+        if not self.dry_run:
+            self.source.save_checkpoint(checkpoint)
+        return checkpoint
+
+    def close(self) -> None:
+        if self._pool:
+            self._pool.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ one step
+    def window_low(self) -> int:
+        if self.dry_run:  # nothing is recorded, so the look-back window would print again
+            return self.checkpoint
+        return max(self.floor, self.checkpoint - self.settings.lookback_items)
+
+    def step(self) -> CycleResult:
+        """Process one page. `result.more` says whether more work may be waiting now."""
+        result = CycleResult()
+        if self.checkpoint is None:
+            self.start()
+        if self.gate.remaining() > 0:
+            return result
+        page = self.source.read_page(self.window_low(), self.settings.batch_size,
+                                     with_state=not self.dry_run)
+        rows = [r for r in page.rows if r.item_id not in self._dry_done]
+        groups = group_rows(rows)
+        now = self.clock()
+        ready, held = [], []
+        for group in groups:
+            (ready if group.pending_key or self._quiet(group, now) else held).append(group)
+        live = {g.cod for g in held}
+        self._first_seen = {c: v for c, v in self._first_seen.items() if c in live}
+        result.ready, result.held = len(ready), len(held)
+
+        unresolved = [r.item_id for g in held for r in g.rows]
+        jobs, catalog_down = self._build_jobs(ready, unresolved)
+        if not self.dry_run:
+            self.source.mark_sending((j.item_ids, j.cod, j.key) for j in jobs if not j.recovered)
+        self._execute(jobs, result)
+
+        outcomes = []
+        for job in jobs:
+            if job.outcome is None:
+                unresolved.extend(job.item_ids)
+            elif not self.dry_run:
+                outcomes.append(Outcome(job.item_ids, job.cod, job.key, job.outcome))
+            else:
+                self._dry_done.update(job.item_ids)
+        if catalog_down or result.transient:
+            self._pause_after_failure(catalog_down)
+        else:
+            self._failed_cycles = 0
+        self._advance(page, outcomes, unresolved)
+        # a full page with nothing ready (all held) would only read itself again
+        result.more = page.full and result.ready > 0 and not (catalog_down or result.transient)
+        self.last_cycle_at = time.time()
+        return result
+
+    def _quiet(self, group: Group, now: float) -> bool:
+        if self.settings.debounce_seconds <= 0:
+            return True
+        signature = (max(group.item_ids), len(group.rows))
+        seen = self._first_seen.get(group.cod)
+        if seen is None or seen[0] != signature:
+            self._first_seen[group.cod] = (signature, now)
+            return False
+        return now - seen[1] >= self.settings.debounce_seconds
+
+    # ------------------------------------------------------------------ building
+    def _build_jobs(self, groups: list[Group], unresolved: list[int]) -> tuple[list[Job], bool]:
+        jobs: list[Job] = []
+        for index, group in enumerate(groups):
+            try:
+                jobs.extend(self._build(group))
+            except CatalogUnavailable as err:
+                log.warning("Catálogo /tests indisponível (%s): envio adiado.", err)
+                for rest in groups[index:]:
+                    unresolved.extend(rest.item_ids)
+                return jobs, True
+        # solicitations that already failed transiently go last, so one bad order cannot
+        # keep the others waiting
+        jobs.sort(key=lambda j: (self._attempts.get(j.key, 0) > 0, min(j.item_ids)))
+        return jobs, False
+
+    def _build(self, group: Group) -> list[Job]:
+        event = group.event()
+        cod = group.cod
+        if group.pending_key and self.failures.has_key(group.pending_key):
+            job = Job(cod, group.pending_key, group.item_ids, event, recovered=True)
+            job.outcome = FAILED  # its failure file was written before a crash
+            return [job]
+        try:
+            built = build_payload(event, self.settings, self.catalog)
+        except TransformError as err:
+            key = group.pending_key or idempotency_key(cod, group.item_ids)
+            return [self._failure_job(cod, key, group.item_ids, event, str(err), group)]
+        except CatalogUnavailable:
+            raise
+        except Exception as err:  # an unforeseen legacy value: record it, never stop the loop
+            log.exception("Erro inesperado ao montar o pedido da solicitação %s", cod)
+            key = group.pending_key or idempotency_key(cod, group.item_ids)
+            return [self._failure_job(cod, key, group.item_ids, event,
+                                      f"erro inesperado ao montar o pedido: {err!r}", group)]
+        jobs = []
+        if built.payload is not None:
+            key = group.pending_key or idempotency_key(cod, built.item_ids)
+            sent = set(built.item_ids)
+            sent_event = dict(event, items=[i for i in event["items"] if int(i["CodItemSol"]) in sent])
+            jobs.append(Job(cod, key, built.item_ids, sent_event, payload=built.payload,
+                            recovered=group.pending_key is not None))
+        if built.rejected:
+            ids = [int(item["CodItemSol"]) for item, _ in built.rejected]
+            reason = "; ".join(f"item {item['CodItemSol']}: {why}" for item, why in built.rejected)
+            key = (group.pending_key if built.payload is None and group.pending_key
+                   else idempotency_key(cod, ids))
+            jobs.append(self._failure_job(cod, key, ids, dict(event, items=[i for i, _ in built.rejected]),
+                                          reason, group))
+        return jobs
+
+    @staticmethod
+    def _failure_job(cod, key, item_ids, event, reason, group: Group) -> Job:
+        # rows of a recovered group already have their "sending" record
+        job = Job(cod, key, list(item_ids), event, recovered=group.pending_key is not None)
+        job.failure = FailureRecord(reason=reason, key=key, cod=cod, item_ids=list(item_ids),
+                                    event=event)
+        return job
+
+    # ------------------------------------------------------------------ sending
+    def _execute(self, jobs: list[Job], result: CycleResult) -> None:
+        stop = threading.Event()  # set by the first transient failure: dispatch no more
+
+        for job in jobs:  # failures known before any POST are recorded first
+            if job.outcome is None and job.payload is None:
+                self._record_failure(job)
+            elif job.outcome is None and job.key in self._unwritten:
+                job.failure = self._unwritten[job.key]  # failed before; only its file is missing
+                self._record_failure(job)
+        to_send = [j for j in jobs if j.outcome is None and j.failure is None]
+
+        def run(job: Job) -> None:
+            if stop.is_set() or self.shutdown.is_set():
+                return
+            if self.dry_run:
+                self.on_dry_run(job.payload, job.key)
+                job.outcome = DELIVERED
+                return
+            job.delivery = self.client.deliver(job.payload, job.key)
+            if job.delivery.outcome == TRANSIENT:
+                stop.set()
+
+        if self._pool and len(to_send) > 1:
+            list(self._pool.map(run, to_send))
+        else:
+            for job in to_send:
+                run(job)
+        for job in jobs:
+            if job.delivery is not None:
+                result.sent += 1
+                self._settle(job, result)
+
+    def _settle(self, job: Job, result: CycleResult) -> None:
+        delivery = job.delivery
+        now = self.clock()
+        if delivery.ok:
+            job.outcome = DELIVERED
+            self._last_success = now
+            self._forget(job.key)
+            self.stats.delivered += 1
+            self.stats.delivered_items += len(job.item_ids)
+            self.stats.last_delivery = time.time()
+            if delivery.outcome == DUPLICATE:
+                self.stats.duplicates += 1
+            log.info("Solicitação %s entregue: %d itens, HTTP %s, chave %s, %.0f ms%s.",
+                     job.cod, len(job.item_ids), delivery.status, job.key,
+                     delivery.duration * 1000,
+                     " (já recebida antes: 409)" if delivery.outcome == DUPLICATE else "")
+            return
+        if delivery.outcome == PERMANENT:
+            job.failure = self._delivery_failure(job, delivery.reason)
+            self._record_failure(job)
+            return
+        # transient: keep the "sending" record (same key next time), unless it keeps failing
+        # while other solicitations go through
+        result.transient += 1
+        self.stats.transient += 1
+        attempts = self._attempts[job.key] = self._attempts.get(job.key, 0) + 1
+        first = self._first_failure.setdefault(job.key, now)
+        api_works = self._last_success is not None and self._last_success > first
+        if attempts >= self.settings.max_attempts and api_works:
+            job.failure = self._delivery_failure(
+                job, f"falhou {attempts} vezes seguidas enquanto outras solicitações eram "
+                     f"entregues; último erro: {delivery.reason}")
+            self._record_failure(job)
+            return
+        log.warning("Solicitação %s não entregue (%s, HTTP %s, chave %s, tentativa %d); "
+                    "será reenviada com a mesma chave.", job.cod, delivery.reason,
+                    delivery.status, job.key, attempts)
+
+    def _delivery_failure(self, job: Job, reason: str) -> FailureRecord:
+        record = FailureRecord(reason=reason, key=job.key, cod=job.cod, item_ids=job.item_ids,
+                               event=job.event, http_status=job.delivery.status,
+                               attempts=self._attempts.get(job.key, 0) + job.delivery.attempts,
+                               response=job.delivery.body)
+        return record
+
+    def _record_failure(self, job: Job) -> None:
+        record = job.failure
+        if self.dry_run:
+            log.warning("[DRY_RUN] Solicitação %s falharia: %s", job.cod, record.reason)
+            job.outcome = FAILED
+            return
+        try:
+            path = self.failures.write(record)
+        except FailureWriteError as err:
+            self._unwritten[job.key] = record
+            log.error("Solicitação %s falhou (%s), mas %s. O checkpoint fica parado até "
+                      "conseguir gravar.", job.cod, record.reason, err)
+            return
+        self._unwritten.pop(job.key, None)
+        self._forget(job.key)
+        job.outcome = FAILED
+        self.stats.failed += 1
+        self.stats.failed_items += len(job.item_ids)
+        self.stats.reasons[record.reason.split(":")[0][:80]] += 1
+        log.error("Solicitação %s falhou: %d itens, HTTP %s, chave %s: %s. Arquivo: %s",
+                  job.cod, len(job.item_ids), record.http_status, job.key, record.reason, path)
+
+    def _forget(self, key: str) -> None:
+        self._attempts.pop(key, None)
+        self._first_failure.pop(key, None)
+
+    def _pause_after_failure(self, catalog_down: bool) -> None:
+        self._failed_cycles += 1
+        delay = min(self.settings.max_backoff,
+                    max(self.settings.backoff, 1.0) * 2 ** (self._failed_cycles - 1))
+        self.gate.pause(delay)
+        what = "catálogo /tests indisponível" if catalog_down else "API com falhas transitórias"
+        log.warning("%s: envio pausado por %.0f s (ciclo %d com falha); nada foi descartado.",
+                    what, delay, self._failed_cycles)
+
+    # ------------------------------------------------------------------ checkpoint
+    def _advance(self, page, outcomes: list[Outcome], unresolved: list[int]) -> None:
+        """The checkpoint moves over the contiguous prefix of items with a recorded outcome;
+        it moves back below a late-committed item that is still unresolved."""
+        if page.full:
+            # every unknown item up to page.upper was read; beyond it nothing is known yet
+            self.high_water = max(self.high_water, page.upper)
+            target = page.upper
+        else:
+            # the range query returned every unknown item above the window: nothing above
+            # the highest id seen is waiting
+            self.high_water = max([self.high_water, self.checkpoint] + [r.item_id for r in page.rows])
+            target = self.high_water
+        if unresolved:
+            target = min(target, min(unresolved) - 1)
+        if target < self.checkpoint:
+            log.info("Checkpoint recua de %d para %d: item %d (commit tardio ou pendente) ainda "
+                     "sem resultado.", self.checkpoint, target, target + 1)
+        changed = target != self.checkpoint
+        if self.dry_run:
+            self.checkpoint = target
+            self._dry_done = {i for i in self._dry_done if i > target}
+            return
+        prune = target - 2 * self.settings.lookback_items if changed else None
+        if outcomes or changed:
+            self.source.record(outcomes, target if changed else None, prune_below=prune)
+        self.checkpoint = target
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, mode: str = "loop") -> int:
+        """mode: "loop" (until shutdown), "once" (what is eligible now), "drain" (until
+        nothing is left). Returns the process exit code."""
+        db_backoff = 1.0
+        while not self.shutdown.is_set():
+            try:
+                result = self.step()
+            except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DBAPIError) as err:
+                if mode == "once":
+                    raise
+                if not self._db_down:
+                    log.error("Banco de dados indisponível (%s). Tentando reconectar; nada é "
+                              "enviado nem perdido enquanto isso.", _short(err))
+                    self._db_down = True
+                self.gate.sleep(db_backoff)
+                db_backoff = min(db_backoff * 2, 60.0)
+                continue
+            if self._db_down:
+                log.info("Conexão com o banco de dados restabelecida.")
+                self._db_down = False
+            db_backoff = 1.0
+            if result.more:
+                continue
+            idle = not result.ready and not result.held and self.gate.remaining() <= 0
+            if mode == "once" or (mode == "drain" and idle):
+                break
+            wait = self.gate.remaining() or self.settings.poll_seconds
+            if result.held:
+                wait = min(wait, max(0.2, self.settings.debounce_seconds / 4))
+            self.gate.sleep(wait)
+        return 0
+
+
+def group_rows(rows: list[ItemRow]) -> list[Group]:
+    """Rows -> groups by (solicitation, pending key), ordered by their lowest item id."""
+    groups: dict[tuple[str, str | None], Group] = {}
+    for row in rows:
+        key = (row.cod, row.pending_key)
+        group = groups.get(key)
+        if group is None:
+            groups[key] = Group(row.cod, [row], row.pending_key)
+        else:
+            group.rows.append(row)
+    return sorted(groups.values(), key=lambda g: min(g.item_ids))
+
+
+def _short(err: Exception) -> str:
+    text = str(getattr(err, "orig", None) or err).strip().splitlines()
+    return text[0][:300] if text else err.__class__.__name__

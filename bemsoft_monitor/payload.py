@@ -1,0 +1,274 @@
+"""The payload stage: legacy rows of one solicitation -> the JSON of SPEC §3.
+
+Pure functions over JSON-safe events (the same form the failure files keep), so that the
+monitor and the replay CLI build payloads the same way. Bad legacy values map to the
+documented defaults or raise TransformError with a pt-BR reason; nothing else escapes.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol
+
+from .config import Settings, normalize_code
+
+log = logging.getLogger(__name__)
+
+TEXT_LIMIT = 255  # additionalInformations values are cut here; the API stores short text
+
+
+class TransformError(Exception):
+    """The whole solicitation cannot be turned into a payload; str() is the pt-BR reason."""
+
+
+class ItemRejected(Exception):
+    """One item cannot be sent (e.g. its specimen is unknown); the rest still goes."""
+
+
+class SpecimenSource(Protocol):
+    def specimen_for(self, test_id: str, pinned: str | None = None) -> str: ...
+
+
+@dataclass
+class BuiltPayload:
+    payload: dict | None               # None when every item was rejected
+    item_ids: list[int]                 # items inside `payload`
+    rejected: list[tuple[dict, str]] = field(default_factory=list)  # (item, reason)
+
+
+# ------------------------------------------------------------------ events
+def make_event(cod: str, solicitacao: dict | None, paciente: dict | None,
+               items: Iterable[dict]) -> dict:
+    """The JSON-safe record of a solicitation, as kept in failure files."""
+    return {"cod_solicitacao": cod, "solicitacao": solicitacao, "paciente": paciente,
+            "items": sorted(items, key=lambda i: int(i["CodItemSol"]))}
+
+
+def idempotency_key(cod: str, item_ids: Iterable[int], suffix: str = "") -> str:
+    """`sol-<cod>-<hash of the sorted item ids>`: a re-send of the same items gets the same
+    key (the server dedupes); items added later get a new one (SPEC §5.2, §5.6)."""
+    ids = ",".join(str(i) for i in sorted(int(x) for x in item_ids))
+    digest = hashlib.sha256(ids.encode()).hexdigest()[:12]
+    return f"sol-{cod}-{digest}{suffix}"
+
+
+# ------------------------------------------------------------------ value parsing
+_DATE_FORMATS = ("%Y-%m-%d", "%d/%m/%Y", "%Y%m%d", "%d-%m-%Y", "%Y/%m/%d")
+_TIME_RE = re.compile(r"^\s*(\d{1,2})[:h](\d{2})(?::(\d{2})(?:[.,]\d+)?)?\s*$")
+
+
+def parse_datetime(value) -> dt.datetime | None:
+    """A legacy date/datetime (native or text) -> naive datetime, or None if unusable."""
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime):
+        return _sane(value.replace(tzinfo=None))
+    if isinstance(value, dt.date):
+        return _sane(dt.datetime.combine(value, dt.time()))
+    text = str(value).strip()
+    if not text:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return _sane(parsed.replace(tzinfo=None))
+    except ValueError:
+        pass
+    head, _, rest = text.partition(" ")
+    for fmt in _DATE_FORMATS:
+        try:
+            day = dt.datetime.strptime(head, fmt)
+        except ValueError:
+            continue
+        clock = parse_time(rest) if rest else dt.time()
+        return _sane(dt.datetime.combine(day.date(), clock or dt.time()))
+    return None
+
+
+def parse_date(value) -> dt.date | None:
+    parsed = parse_datetime(value)
+    return parsed.date() if parsed else None
+
+
+def parse_time(value) -> dt.time | None:
+    """`Hora` as text `HH:MM`/`HH:MM:SS`, a time, or a datetime (SQL Server keeps times in
+    1900-01-01 datetimes) -> time, or None if unusable."""
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime):
+        return value.time().replace(microsecond=0, tzinfo=None)
+    if isinstance(value, dt.time):
+        return value.replace(microsecond=0, tzinfo=None)
+    text = str(value).strip()
+    match = _TIME_RE.match(text)
+    if not match:
+        if "T" in text or " " in text:  # ISO datetime text
+            parsed = parse_datetime(text)
+            return parsed.time().replace(microsecond=0) if parsed else None
+        return None
+    hour, minute, second = int(match[1]), int(match[2]), int(match[3] or 0)
+    if hour > 23 or minute > 59 or second > 59:
+        return None
+    return dt.time(hour, minute, second)
+
+
+def _sane(value: dt.datetime) -> dt.datetime | None:
+    return value if 1900 <= value.year <= 2200 else None
+
+
+def normalize_gender(value) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip().upper()
+    if text in ("M", "MASCULINO", "MASC"):
+        return "M"
+    if text in ("F", "FEMININO", "FEM"):
+        return "F"
+    return None
+
+
+def digits(value) -> str:
+    return re.sub(r"\D", "", "" if value is None else str(value))
+
+
+def clean_text(value, limit: int | None = None) -> str:
+    if value is None:
+        return ""
+    text = re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "", str(value)).strip()
+    text = re.sub(r"\s+", " ", text)
+    return text[:limit] if limit else text
+
+
+def _external_num(value) -> str | None:
+    """An id column as it goes into an externalId: integers without `.0`, trimmed text."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    if re.fullmatch(r"-?\d+\.0+", text):
+        text = text.split(".")[0]
+    return text or None
+
+
+# ------------------------------------------------------------------ the payload
+def batch_moment(event: dict, tz) -> dt.datetime:
+    """Batch date/time: solicitacao.dtaentrada + Hora; else the first item's DataEntrada;
+    else now in TIMEZONE. Raised to the latest item's DataEntrada when an item is later,
+    because the API silently drops a test dated after its batch (SPEC §5.5)."""
+    sol = event.get("solicitacao") or {}
+    items = event.get("items") or []
+    moment = None
+    day = parse_datetime(sol.get("dtaentrada"))
+    if day is not None:
+        clock = parse_time(sol.get("Hora"))
+        if clock is not None:
+            moment = dt.datetime.combine(day.date(), clock)
+        elif day.time() != dt.time():
+            moment = day
+    item_moments = [m for m in (parse_datetime(i.get("DataEntrada")) for i in items) if m]
+    if moment is None and item_moments:
+        moment = item_moments[0]
+    if moment is None:
+        moment = dt.datetime.now(tz).replace(tzinfo=None)
+    latest = max(item_moments, default=None)
+    if latest is not None and latest > moment:
+        moment = latest
+    return moment.replace(microsecond=0)
+
+
+def build_patient(event: dict, settings: Settings) -> dict:
+    sol = event.get("solicitacao") or {}
+    pac = event.get("paciente") or {}
+    if not event.get("solicitacao"):
+        raise TransformError(f"solicitação {event.get('cod_solicitacao')} não encontrada na tabela "
+                             "solicitacao (itens sem pedido): confira o cadastro no sistema legado")
+    cod_pac = _external_num(pac.get("codpaciente")) or _external_num(sol.get("codpaciente"))
+    cpf = digits(pac.get("cpf"))
+    if cod_pac:
+        external_id = f"pat-{cod_pac}"
+    elif cpf:
+        external_id = f"cpf-{cpf}"
+    else:
+        raise TransformError("paciente sem codpaciente e sem CPF: não há como identificá-lo")
+    name = clean_text(pac.get("nome"))
+    if not name:
+        raise TransformError(f"paciente {cod_pac or cpf} sem nome (tabela paciente, coluna nome; "
+                             "o cadastro do paciente pode estar ausente)")
+    birth = parse_date(pac.get("datanasc"))
+    if birth is not None and birth > dt.date.today():
+        birth = None
+    birth = birth or settings.default_birthdate
+    if birth is None:
+        raise TransformError(f"paciente {external_id} sem data de nascimento válida: preencha "
+                             "paciente.datanasc ou defina DEFAULT_BIRTHDATE=AAAA-MM-DD no .env")
+    gender = normalize_gender(pac.get("sexo")) or settings.default_gender
+    if gender is None:
+        raise TransformError(f"paciente {external_id} sem sexo M/F: preencha paciente.sexo ou "
+                             "defina DEFAULT_GENDER=M ou F no .env")
+    return {"externalId": external_id, "name": name, "birthDate": birth.isoformat(),
+            "gender": gender, "weight": 0, "height": 0}
+
+
+def build_test(item: dict, batch_at: dt.datetime, settings: Settings,
+               specimens: SpecimenSource) -> dict:
+    code = clean_text(item.get("CodConvExames"))
+    if not code:
+        raise ItemRejected("item sem código de exame (ItemSol.CodConvExames vazio)")
+    mapping = settings.test_map.get(normalize_code(code))
+    test_id = mapping.test_id if mapping else code
+    specimen = specimens.specimen_for(test_id, mapping.specimen_id if mapping else None)
+    collected = parse_datetime(item.get("DataEntrada")) or batch_at
+    collected = min(collected.replace(microsecond=0), batch_at)
+    return {
+        "externalId": f"item-{_external_num(item.get('CodItemSol'))}",
+        "collectionDate": collected.date().isoformat(),
+        "collectionTime": collected.time().isoformat(),
+        "supportTestId": test_id,
+        "supportSpecimenId": specimen,
+        "additionalInformations": [
+            {"key": "origem", "value": clean_text(item.get("Origem"), TEXT_LIMIT)},
+            {"key": "descricao", "value": clean_text(item.get("DescExames"), TEXT_LIMIT)},
+        ],
+        "condition": "",
+        "preservative": "",
+        "diuresisVolume": 0,
+        "diuresisTime": 0,
+    }
+
+
+def build_payload(event: dict, settings: Settings, specimens: SpecimenSource) -> BuiltPayload:
+    """Event -> payload. Raises TransformError (whole solicitation) or lets the catalog's
+    CatalogUnavailable through (transient: try again later)."""
+    cod = _external_num(event.get("cod_solicitacao"))
+    if not cod:
+        raise TransformError("item sem CodSolicitacao")
+    patient = build_patient(event, settings)
+    batch_at = batch_moment(event, settings.tz)
+    tests, item_ids, rejected = [], [], []
+    for item in event.get("items") or []:
+        try:
+            tests.append(build_test(item, batch_at, settings, specimens))
+        except ItemRejected as err:
+            rejected.append((item, str(err)))
+            continue
+        item_ids.append(int(item["CodItemSol"]))
+    if not tests:
+        return BuiltPayload(None, [], rejected)
+    date, time = batch_at.date().isoformat(), batch_at.time().isoformat()
+    order = {
+        "externalId": f"order-{cod}",
+        "date": date,
+        "time": time,
+        "patientHeight": 0,
+        "patientWeight": 0,
+        "patient": patient,
+    }
+    doctor = settings.physician
+    if doctor is not None:
+        order["physician"] = {"externalId": doctor.number, "name": doctor.name,
+                              "councilAbbreviation": doctor.council,
+                              "councilNumber": doctor.number, "councilUf": doctor.uf}
+    order["tests"] = tests
+    payload = {"batch": {"externalId": f"sol-{cod}", "date": date, "time": time, "order": order}}
+    return BuiltPayload(payload, item_ids, rejected)

@@ -1,0 +1,173 @@
+"""Replaying failure files: rebuild the payload from the stored event with the current
+settings and catalog, send it, and move the file out of FAILED_DIR once delivered.
+
+A file is claimed (renamed) before it is sent, so two replays never send the same file."""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .catalog import CatalogUnavailable
+from .client import BemsoftClient, Delivery
+from .config import Settings
+from .failures import FailureFileError, FailureRecord, FailureStore
+from .payload import TransformError, build_payload, idempotency_key
+
+log = logging.getLogger(__name__)
+
+CLAIM_MARK = ".claimed-"
+STALE_CLAIM_SECONDS = 3600
+
+OK, WOULD_SEND, FAILED, SKIPPED = "ok", "would-send", "failed", "skipped"
+
+
+@dataclass
+class ReplayResult:
+    path: Path
+    status: str          # OK / WOULD_SEND / FAILED / SKIPPED
+    message: str
+    key: str = ""
+    payload: dict | None = None
+    delivery: Delivery | None = None
+
+
+def needs_fresh_key(record: FailureRecord) -> bool:
+    """The API remembers a key even when the first attempt saved nothing (SPEC §5.2): after a
+    2xx with an error body or a 4xx answer nothing was saved, so re-sending needs a new key.
+    After a timeout/5xx the first attempt may have been saved: the same key lets the server
+    dedupe (409)."""
+    status = record.http_status
+    return status is not None and 200 <= int(status) < 500
+
+
+def replay_key(record: FailureRecord, item_ids: list[int]) -> str:
+    base = idempotency_key(record.cod, item_ids)
+    if not needs_fresh_key(record):
+        return record.key or base
+    stamp = base64.b32encode(int(time.time() * 1000).to_bytes(6, "big")).decode().rstrip("=").lower()
+    return f"{base}-r{stamp}"
+
+
+def claim(path: Path) -> Path | None:
+    """Atomically take a file for this process; None if someone else took it first."""
+    claimed = path.with_name(f"{path.name}{CLAIM_MARK}{os.getpid()}")
+    try:
+        os.rename(path, claimed)
+    except FileNotFoundError:
+        return None
+    return claimed
+
+
+def release(claimed: Path) -> Path:
+    original = claimed.with_name(claimed.name.split(CLAIM_MARK)[0])
+    os.rename(claimed, original)
+    return original
+
+
+def release_stale_claims(directory: Path, now: float | None = None) -> list[Path]:
+    """Give back files claimed by a replay that died (its pid is gone, or the claim is old)."""
+    released = []
+    now = time.time() if now is None else now
+    for claimed in Path(directory).glob(f"*.json{CLAIM_MARK}*"):
+        match = re.search(re.escape(CLAIM_MARK) + r"(\d+)$", claimed.name)
+        pid = int(match[1]) if match else 0
+        try:
+            age = now - claimed.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if not _pid_alive(pid) or age > STALE_CLAIM_SECONDS:
+            try:
+                released.append(release(claimed))
+            except OSError:
+                continue
+    return released
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def prepare(record: FailureRecord, settings: Settings, catalog) -> tuple[dict, list[int], str]:
+    """Rebuild payload and key; raises TransformError when it still cannot be sent."""
+    built = build_payload(record.event, settings, catalog)
+    if built.rejected:
+        reasons = "; ".join(f"item {item.get('CodItemSol')}: {why}" for item, why in built.rejected)
+        raise TransformError(f"ainda há itens que não podem ser enviados: {reasons}")
+    if built.payload is None:
+        raise TransformError("o evento não tem itens para enviar")
+    return built.payload, built.item_ids, replay_key(record, built.item_ids)
+
+
+def replay_file(path: Path, settings: Settings, client: BemsoftClient | None, catalog, *,
+                send: bool, move_ok: Path) -> ReplayResult:
+    path = Path(path)
+    claimed = claim(path) if send else path
+    if claimed is None:
+        return ReplayResult(path, SKIPPED, "já está sendo reenviado por outro processo")
+    try:
+        try:
+            record = FailureStore.load(claimed)
+        except FailureFileError as err:
+            return ReplayResult(path, FAILED, f"arquivo ilegível, deixado no lugar: {err}")
+        try:
+            payload, item_ids, key = prepare(record, settings, catalog)
+        except (TransformError, CatalogUnavailable) as err:
+            return ReplayResult(path, FAILED, str(err), key=record.key)
+        if not send:
+            return ReplayResult(path, WOULD_SEND, f"seria enviado com a chave {key} "
+                                                  f"({len(item_ids)} itens)", key, payload)
+        delivery = client.deliver(payload, key)
+        if delivery.ok:
+            move_ok.mkdir(parents=True, exist_ok=True, mode=0o700)
+            target = move_ok / path.name
+            shutil.move(str(claimed), str(target))
+            claimed = None
+            return ReplayResult(path, OK, f"{delivery.reason} -> {target}", key, payload, delivery)
+        _update_record(claimed, record, delivery, key)
+        return ReplayResult(path, FAILED, delivery.reason, key, payload, delivery)
+    finally:
+        if send and claimed is not None and claimed.exists():
+            release(claimed)
+
+
+def _update_record(claimed: Path, record: FailureRecord, delivery: Delivery, key: str) -> None:
+    """Keep the latest answer in the file, so the operator sees why it still fails."""
+    data = record.to_json()
+    data.update(reason=delivery.reason, http_status=delivery.status, idempotency_key=key,
+                attempts=record.attempts + delivery.attempts, response=delivery.body)
+    tmp = claimed.with_name(claimed.name + ".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, ensure_ascii=False, indent=2)
+        os.replace(tmp, claimed)
+    except OSError as err:
+        log.warning("Não foi possível atualizar %s: %s", claimed, err)
+
+
+def send_event(event: dict, settings: Settings, client: BemsoftClient, catalog) -> Delivery:
+    """Send one stored event (the seed's REPL recipe); raises TransformError if it cannot."""
+    # unknown history: the content key lets the server answer 409 if it already has it
+    record = FailureRecord(reason="", key="", cod=str(event.get("cod_solicitacao") or ""),
+                           item_ids=[], event=event, http_status=None)
+    payload, _, key = prepare(record, settings, catalog)
+    return client.deliver(payload, key)
+
+

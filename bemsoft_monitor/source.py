@@ -1,0 +1,244 @@
+"""The legacy source and the checkpoint: every statement the monitor runs, in SQLAlchemy Core
+so that one code path serves SQL Server, PostgreSQL and SQLite.
+
+Each public method is one short transaction; none is held across HTTP calls.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import sqlalchemy as sa
+
+from .db import monitor_schema_map
+from .schema import (DELIVERED, FAILED, SENDING, item_sol, monitor_items, monitor_metadata,
+                     monitor_state, paciente, solicitacao)
+
+log = logging.getLogger(__name__)
+
+ITEM_FIELDS = ("CodItemSol", "CodSolicitacao", "DataEntrada", "DescExames", "CodConvExames",
+               "NomeTerceirizado", "Origem", "SituacaoResultado")
+SOL_FIELDS = ("codsolicitacao", "codpaciente", "dtaentrada", "Hora")
+PAC_FIELDS = ("codpaciente", "nome", "cpf", "datanasc", "sexo")
+
+
+def jsonable(value):
+    """Legacy value -> JSON-safe value (dates as ISO text), the form events are kept in."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return int(value) if value == value.to_integral_value() else str(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+@dataclass
+class ItemRow:
+    """One ItemSol row with its solicitation and patient, as read from the LIS."""
+    item_id: int
+    cod: str
+    item: dict
+    solicitacao: dict | None
+    paciente: dict | None
+    pending_key: str | None = None  # set when a "sending" record exists (crash recovery)
+
+
+@dataclass
+class Outcome:
+    item_ids: Sequence[int]
+    cod: str
+    key: str
+    status: str  # DELIVERED or FAILED
+
+
+@dataclass
+class Page:
+    rows: list[ItemRow] = field(default_factory=list)
+    full: bool = False          # the range query hit its LIMIT: more rows may be waiting
+    upper: int | None = None    # highest id the range query covered
+
+
+class LegacySource:
+    def __init__(self, engine: sa.Engine, name: str, terceiros: Sequence[str]):
+        # the monitor's tables live in dbo on SQL Server, the default schema elsewhere
+        self.engine = engine.execution_options(
+            schema_translate_map=monitor_schema_map(engine.dialect.name))
+        self.name = name
+        self.terceiros = list(terceiros)
+
+    # ----------------------------------------------------------------- monitor tables
+    def state_tables_exist(self) -> bool:
+        schema = "dbo" if self.engine.dialect.name == "mssql" else None
+        inspector = sa.inspect(self.engine)
+        return (inspector.has_table(monitor_state.name, schema=schema)
+                and inspector.has_table(monitor_items.name, schema=schema))
+
+    def ensure_state_tables(self) -> None:
+        monitor_metadata.create_all(self.engine, checkfirst=True)
+
+    @property
+    def floor_name(self) -> str:
+        """State row holding the start point: the look-back window never reaches below it
+        (items before the first start, or handled by an older monitor, are not ours)."""
+        return f"{self.name}#inicio"
+
+    def read_checkpoint(self, name: str | None = None) -> int | None:
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                sa.select(monitor_state.c.LastItemId)
+                .where(monitor_state.c.Name == (name or self.name))
+            ).scalar()
+        return None if value is None else int(value)
+
+    def max_item_id(self) -> int:
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                sa.select(sa.func.max(item_sol.c.CodItemSol)).where(self._matching())
+            ).scalar()
+        return int(value or 0)
+
+    def count_backlog(self, after_id: int) -> int:
+        """Matching items beyond `after_id` (what the next cycles will look at)."""
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                sa.select(sa.func.count()).select_from(item_sol)
+                .where(self._matching(), item_sol.c.CodItemSol > after_id)
+            ).scalar()
+        return int(value or 0)
+
+    # ----------------------------------------------------------------- reading
+    def _matching(self):
+        return item_sol.c.NomeTerceirizado.in_(self.terceiros)
+
+    def _select(self, with_state: bool):
+        cols = [item_sol.c[f] for f in ITEM_FIELDS]
+        cols += [solicitacao.c[f].label(f"s_{f}") for f in SOL_FIELDS]
+        cols += [paciente.c[f].label(f"p_{f}") for f in PAC_FIELDS]
+        joined = (item_sol
+                  .outerjoin(solicitacao, solicitacao.c.codsolicitacao == item_sol.c.CodSolicitacao)
+                  .outerjoin(paciente, paciente.c.codpaciente == solicitacao.c.codpaciente))
+        conditions = [self._matching()]
+        if with_state:
+            cols += [monitor_items.c.Status.label("m_status"), monitor_items.c.IdemKey.label("m_key")]
+            joined = joined.outerjoin(monitor_items, sa.and_(
+                monitor_items.c.Name == self.name,
+                monitor_items.c.CodItemSol == item_sol.c.CodItemSol))
+            # unknown items, and items whose send was started but has no outcome yet
+            conditions.append(sa.or_(monitor_items.c.CodItemSol.is_(None),
+                                     monitor_items.c.Status == SENDING))
+        return sa.select(*cols).select_from(joined).where(*conditions)
+
+    def page_statement(self, after_id: int, limit: int, with_state: bool = True):
+        return (self._select(with_state)
+                .where(item_sol.c.CodItemSol > after_id)
+                .order_by(item_sol.c.CodItemSol)
+                .limit(limit))
+
+    def followup_statement(self, cods: Iterable, after_id: int, with_state: bool = True):
+        return (self._select(with_state)
+                .where(item_sol.c.CodSolicitacao.in_(list(cods)),
+                       item_sol.c.CodItemSol > after_id)
+                .order_by(item_sol.c.CodItemSol))
+
+    def read_page(self, after_id: int, limit: int, with_state: bool = True) -> Page:
+        """One indexed range query; when it fills the page, one more query fetches the rest
+        of the solicitations it cut, so that no solicitation is split by the page limit."""
+        with self.engine.connect() as conn:
+            rows = [self._row(r) for r in conn.execute(self.page_statement(after_id, limit, with_state))]
+            page = Page(rows=rows, full=len(rows) >= limit,
+                        upper=rows[-1].item_id if rows else None)
+            if page.full:
+                raw_cods = {r.item["CodSolicitacao"] for r in rows}
+                extra = conn.execute(self.followup_statement(raw_cods, page.upper, with_state))
+                page.rows.extend(self._row(r) for r in extra)
+        return page
+
+    @staticmethod
+    def _row(r) -> ItemRow:
+        m = r._mapping
+        item = {f: jsonable(m[f]) for f in ITEM_FIELDS}
+        sol = None if m["s_codsolicitacao"] is None else {f: jsonable(m[f"s_{f}"]) for f in SOL_FIELDS}
+        pac = None if m["p_codpaciente"] is None else {f: jsonable(m[f"p_{f}"]) for f in PAC_FIELDS}
+        pending = m["m_key"] if "m_key" in m and m["m_status"] == SENDING else None
+        return ItemRow(item_id=int(m["CodItemSol"]), cod=str(jsonable(m["CodSolicitacao"])),
+                       item=item, solicitacao=sol, paciente=pac, pending_key=pending)
+
+    # ----------------------------------------------------------------- recording
+    def mark_sending(self, groups: Iterable[tuple[Sequence[int], str, str]]) -> None:
+        """Record "sending" (with its key) for items that have no record yet, before the POST."""
+        now = _utcnow()
+        rows = [{"Name": self.name, "CodItemSol": item_id, "CodSolicitacao": cod,
+                 "Status": SENDING, "IdemKey": key, "UpdatedAt": now}
+                for item_ids, cod, key in groups for item_id in item_ids]
+        if rows:
+            with self.engine.begin() as conn:
+                conn.execute(monitor_items.insert(), rows)
+
+    def record(self, outcomes: Sequence[Outcome], checkpoint: int | None,
+               prune_below: int | None = None) -> None:
+        """Record outcomes and move the checkpoint, in one short transaction."""
+        now = _utcnow()
+        with self.engine.begin() as conn:
+            params = [{"b_name": self.name, "b_id": item_id, "b_status": o.status, "b_at": now}
+                      for o in outcomes for item_id in o.item_ids]
+            if params:
+                conn.execute(
+                    monitor_items.update()
+                    .where(monitor_items.c.Name == sa.bindparam("b_name"),
+                           monitor_items.c.CodItemSol == sa.bindparam("b_id"))
+                    .values(Status=sa.bindparam("b_status"), UpdatedAt=sa.bindparam("b_at")),
+                    params)
+            if checkpoint is not None:
+                self._save_checkpoint(conn, checkpoint, now)
+            if prune_below is not None and prune_below > 0:
+                conn.execute(monitor_items.delete().where(
+                    monitor_items.c.Name == self.name,
+                    monitor_items.c.CodItemSol <= prune_below,
+                    monitor_items.c.Status.in_([DELIVERED, FAILED])))
+
+    def save_checkpoint(self, value: int, name: str | None = None) -> None:
+        with self.engine.begin() as conn:
+            self._save_checkpoint(conn, value, _utcnow(), name)
+
+    def _save_checkpoint(self, conn, value: int, now, name: str | None = None) -> None:
+        name = name or self.name
+        updated = conn.execute(
+            monitor_state.update().where(monitor_state.c.Name == name)
+            .values(LastItemId=value, UpdatedAt=now)).rowcount
+        if not updated:
+            conn.execute(monitor_state.insert().values(Name=name, LastItemId=value, UpdatedAt=now))
+
+    def last_delivery(self) -> dt.datetime | None:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                sa.select(sa.func.max(monitor_items.c.UpdatedAt))
+                .where(monitor_items.c.Name == self.name, monitor_items.c.Status == DELIVERED)
+            ).scalar()
+
+    def max_recorded_id(self) -> int:
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                sa.select(sa.func.max(monitor_items.c.CodItemSol))
+                .where(monitor_items.c.Name == self.name,
+                       monitor_items.c.Status.in_([DELIVERED, FAILED]))
+            ).scalar()
+        return int(value or 0)
+
+    def sending_floor(self) -> int | None:
+        """Lowest item id whose send started without a recorded outcome (crash recovery)."""
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                sa.select(sa.func.min(monitor_items.c.CodItemSol))
+                .where(monitor_items.c.Name == self.name, monitor_items.c.Status == SENDING)
+            ).scalar()
+        return None if value is None else int(value)
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
