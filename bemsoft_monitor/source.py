@@ -88,29 +88,27 @@ class LegacySource:
         (items before the first start, or handled by an older monitor, are not ours)."""
         return f"{self.name}#inicio"
 
-    def read_checkpoint(self, name: str | None = None) -> int | None:
+    def _scalar(self, statement):
         with self.engine.connect() as conn:
-            value = conn.execute(
-                sa.select(monitor_state.c.LastItemId)
-                .where(monitor_state.c.Name == (name or self.name))
-            ).scalar()
+            return conn.execute(statement).scalar()
+
+    def read_checkpoint(self, name: str | None = None) -> int | None:
+        value = self._scalar(checkpoint_read_statement(name or self.name))
         return None if value is None else int(value)
 
+    def max_item_statement(self):
+        return sa.select(sa.func.max(item_sol.c.CodItemSol)).where(self._matching())
+
     def max_item_id(self) -> int:
-        with self.engine.connect() as conn:
-            value = conn.execute(
-                sa.select(sa.func.max(item_sol.c.CodItemSol)).where(self._matching())
-            ).scalar()
-        return int(value or 0)
+        return int(self._scalar(self.max_item_statement()) or 0)
+
+    def backlog_statement(self, after_id: int):
+        return (sa.select(sa.func.count()).select_from(item_sol)
+                .where(self._matching(), item_sol.c.CodItemSol > after_id))
 
     def count_backlog(self, after_id: int) -> int:
         """Matching items beyond `after_id` (what the next cycles will look at)."""
-        with self.engine.connect() as conn:
-            value = conn.execute(
-                sa.select(sa.func.count()).select_from(item_sol)
-                .where(self._matching(), item_sol.c.CodItemSol > after_id)
-            ).scalar()
-        return int(value or 0)
+        return int(self._scalar(self.backlog_statement(after_id)) or 0)
 
     # ----------------------------------------------------------------- reading
     def _matching(self):
@@ -188,19 +186,42 @@ class LegacySource:
             params = [{"b_name": self.name, "b_id": item_id, "b_status": o.status, "b_at": now}
                       for o in outcomes for item_id in o.item_ids]
             if params:
-                conn.execute(
-                    monitor_items.update()
-                    .where(monitor_items.c.Name == sa.bindparam("b_name"),
-                           monitor_items.c.CodItemSol == sa.bindparam("b_id"))
-                    .values(Status=sa.bindparam("b_status"), UpdatedAt=sa.bindparam("b_at")),
-                    params)
+                conn.execute(self.outcome_statement(), params)
             if checkpoint is not None:
                 self._save_checkpoint(conn, checkpoint, now)
             if prune_below is not None and prune_below > 0:
-                conn.execute(monitor_items.delete().where(
-                    monitor_items.c.Name == self.name,
-                    monitor_items.c.CodItemSol <= prune_below,
-                    monitor_items.c.Status.in_([DELIVERED, FAILED])))
+                conn.execute(self.prune_statement(prune_below))
+
+    @staticmethod
+    def outcome_statement():
+        return (monitor_items.update()
+                .where(monitor_items.c.Name == sa.bindparam("b_name"),
+                       monitor_items.c.CodItemSol == sa.bindparam("b_id"))
+                .values(Status=sa.bindparam("b_status"), UpdatedAt=sa.bindparam("b_at")))
+
+    def prune_statement(self, below: int):
+        return monitor_items.delete().where(monitor_items.c.Name == self.name,
+                                            monitor_items.c.CodItemSol <= below,
+                                            monitor_items.c.Status.in_([DELIVERED, FAILED]))
+
+    def statements(self) -> dict:
+        """Every statement the monitor runs, for checking the SQL each dialect compiles."""
+        now = _utcnow()
+        return {
+            "page": self.page_statement(0, 500),
+            "followup": self.followup_statement([1, 2], 0),
+            "page_dry_run": self.page_statement(0, 500, with_state=False),
+            "mark_sending": monitor_items.insert(),
+            "outcome": self.outcome_statement(),
+            "prune": self.prune_statement(1),
+            "checkpoint_update": checkpoint_update_statement(self.name, 1, now),
+            "checkpoint_insert": checkpoint_insert_statement(self.name, 1, now),
+            "checkpoint_read": checkpoint_read_statement(self.name),
+            "backlog": self.backlog_statement(0),
+            "max_item": self.max_item_statement(),
+            "max_recorded": self.max_recorded_statement(),
+            "last_delivery": self.last_delivery_statement(),
+        }
 
     def save_checkpoint(self, value: int, name: str | None = None) -> None:
         with self.engine.begin() as conn:
@@ -208,36 +229,37 @@ class LegacySource:
 
     def _save_checkpoint(self, conn, value: int, now, name: str | None = None) -> None:
         name = name or self.name
-        updated = conn.execute(
-            monitor_state.update().where(monitor_state.c.Name == name)
-            .values(LastItemId=value, UpdatedAt=now)).rowcount
-        if not updated:
-            conn.execute(monitor_state.insert().values(Name=name, LastItemId=value, UpdatedAt=now))
+        if not conn.execute(checkpoint_update_statement(name, value, now)).rowcount:
+            conn.execute(checkpoint_insert_statement(name, value, now))
+
+    def last_delivery_statement(self):
+        return (sa.select(sa.func.max(monitor_items.c.UpdatedAt))
+                .where(monitor_items.c.Name == self.name, monitor_items.c.Status == DELIVERED))
 
     def last_delivery(self) -> dt.datetime | None:
-        with self.engine.connect() as conn:
-            return conn.execute(
-                sa.select(sa.func.max(monitor_items.c.UpdatedAt))
-                .where(monitor_items.c.Name == self.name, monitor_items.c.Status == DELIVERED)
-            ).scalar()
+        return self._scalar(self.last_delivery_statement())
+
+    def max_recorded_statement(self):
+        return (sa.select(sa.func.max(monitor_items.c.CodItemSol))
+                .where(monitor_items.c.Name == self.name,
+                       monitor_items.c.Status.in_([DELIVERED, FAILED])))
 
     def max_recorded_id(self) -> int:
-        with self.engine.connect() as conn:
-            value = conn.execute(
-                sa.select(sa.func.max(monitor_items.c.CodItemSol))
-                .where(monitor_items.c.Name == self.name,
-                       monitor_items.c.Status.in_([DELIVERED, FAILED]))
-            ).scalar()
-        return int(value or 0)
+        """Highest item with a recorded outcome (the checkpoint may lag behind it)."""
+        return int(self._scalar(self.max_recorded_statement()) or 0)
 
-    def sending_floor(self) -> int | None:
-        """Lowest item id whose send started without a recorded outcome (crash recovery)."""
-        with self.engine.connect() as conn:
-            value = conn.execute(
-                sa.select(sa.func.min(monitor_items.c.CodItemSol))
-                .where(monitor_items.c.Name == self.name, monitor_items.c.Status == SENDING)
-            ).scalar()
-        return None if value is None else int(value)
+
+def checkpoint_read_statement(name: str):
+    return sa.select(monitor_state.c.LastItemId).where(monitor_state.c.Name == name)
+
+
+def checkpoint_update_statement(name: str, value: int, now):
+    return (monitor_state.update().where(monitor_state.c.Name == name)
+            .values(LastItemId=value, UpdatedAt=now))
+
+
+def checkpoint_insert_statement(name: str, value: int, now):
+    return monitor_state.insert().values(Name=name, LastItemId=value, UpdatedAt=now)
 
 
 def _utcnow() -> dt.datetime:

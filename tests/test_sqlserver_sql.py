@@ -1,0 +1,106 @@
+"""The SQL Server side: every statement the monitor runs, compiled by the mssql dialect
+(T-SQL as production receives it), plus the PostgreSQL plan of the page query."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.dialects import mssql
+
+from bemsoft_monitor.db import monitor_schema_map
+from bemsoft_monitor.schema import monitor_metadata
+from bemsoft_monitor.source import LegacySource
+from conftest import LAB
+
+
+def tsql(statement) -> str:
+    compiled = statement.compile(dialect=mssql.dialect(),
+                                 schema_translate_map=monitor_schema_map("mssql"),
+                                 render_schema_translate=True,
+                                 compile_kwargs={"render_postcompile": True})
+    return re.sub(r"\s+", " ", str(compiled)).strip()
+
+
+@pytest.fixture
+def statements():
+    return LegacySource(sa.create_engine("sqlite://"), "bemsoft", [LAB, "OUTRO"]).statements()
+
+
+def test_page_query_is_one_indexed_range_read_with_top(statements):
+    sql = tsql(statements["page"])
+    assert sql.startswith("SELECT TOP 500 [ItemSol].[CodItemSol], [ItemSol].[CodSolicitacao]")
+    assert "FROM [ItemSol] LEFT OUTER JOIN solicitacao ON solicitacao.codsolicitacao = [ItemSol].[CodSolicitacao]" in sql
+    assert "LEFT OUTER JOIN paciente ON paciente.codpaciente = solicitacao.codpaciente" in sql
+    assert ("LEFT OUTER JOIN dbo.[_MonitorItems] ON dbo.[_MonitorItems].[Name] = :Name_1 "
+            "AND dbo.[_MonitorItems].[CodItemSol] = [ItemSol].[CodItemSol]") in sql
+    assert "[ItemSol].[NomeTerceirizado] IN (:NomeTerceirizado_1_1, :NomeTerceirizado_1_2)" in sql
+    assert "[ItemSol].[CodItemSol] > :CodItemSol_1" in sql
+    assert sql.endswith("ORDER BY [ItemSol].[CodItemSol]")
+    assert "LIMIT" not in sql and "OFFSET" not in sql
+
+
+def test_followup_query_fetches_the_rest_of_cut_solicitations(statements):
+    sql = tsql(statements["followup"])
+    assert "[ItemSol].[CodSolicitacao] IN (:CodSolicitacao_1_1, :CodSolicitacao_1_2)" in sql
+    assert "TOP" not in sql
+
+
+def test_dry_run_page_does_not_touch_monitor_tables(statements):
+    assert "_Monitor" not in tsql(statements["page_dry_run"])
+
+
+def test_monitor_tables_live_in_dbo(statements):
+    assert tsql(statements["mark_sending"]).startswith("INSERT INTO dbo.[_MonitorItems] ([Name], [CodItemSol], "
+                                                       "[CodSolicitacao], [Status], [IdemKey], [UpdatedAt])")
+    assert tsql(statements["outcome"]) == (
+        "UPDATE dbo.[_MonitorItems] SET [Status]=:b_status, [UpdatedAt]=:b_at "
+        "WHERE dbo.[_MonitorItems].[Name] = :b_name AND dbo.[_MonitorItems].[CodItemSol] = :b_id")
+    assert tsql(statements["checkpoint_update"]).startswith(
+        "UPDATE dbo.[_MonitorState] SET [LastItemId]=:LastItemId, [UpdatedAt]=:UpdatedAt "
+        "WHERE dbo.[_MonitorState].[Name] = :Name_1")
+    assert tsql(statements["checkpoint_insert"]).startswith("INSERT INTO dbo.[_MonitorState]")
+    assert tsql(statements["checkpoint_read"]) == (
+        "SELECT dbo.[_MonitorState].[LastItemId] FROM dbo.[_MonitorState] "
+        "WHERE dbo.[_MonitorState].[Name] = :Name_1")
+    assert tsql(statements["prune"]).startswith("DELETE FROM dbo.[_MonitorItems] WHERE")
+
+
+def test_backlog_and_max_are_plain_aggregates(statements):
+    assert tsql(statements["backlog"]) == (
+        "SELECT count(*) AS count_1 FROM [ItemSol] WHERE [ItemSol].[NomeTerceirizado] IN "
+        "(:NomeTerceirizado_1_1, :NomeTerceirizado_1_2) AND [ItemSol].[CodItemSol] > :CodItemSol_1")
+    assert tsql(statements["max_item"]).startswith("SELECT max([ItemSol].[CodItemSol])")
+
+
+def test_monitor_table_ddl_for_sql_server():
+    from sqlalchemy.schema import CreateTable
+    ddl = [re.sub(r"\s+", " ", str(CreateTable(t).compile(
+        dialect=mssql.dialect(), schema_translate_map=monitor_schema_map("mssql"),
+        render_schema_translate=True))) for t in monitor_metadata.sorted_tables]
+    state = next(d for d in ddl if "_MonitorState" in d)
+    assert "CREATE TABLE dbo.[_MonitorState]" in state
+    assert "[LastItemId] BIGINT NOT NULL" in state and "PRIMARY KEY ([Name])" in state
+    items = next(d for d in ddl if "_MonitorItems" in d)
+    assert "PRIMARY KEY ([Name], [CodItemSol])" in items
+
+
+@pytest.mark.postgres
+def test_postgres_plan_uses_the_primary_key_index(pg_url):
+    """The page query is an index range scan on ItemSol's key, not a full scan."""
+    from bemsoft_monitor.sampledata import bulk_orders
+    engine = sa.create_engine(pg_url)
+    source = LegacySource(engine, "bemsoft", [LAB])
+    source.ensure_state_tables()
+    bulk_orders(engine, 3000, 3, terceirizado=LAB)
+    with engine.begin() as conn:
+        conn.execute(sa.text('ANALYZE "ItemSol"'))
+        conn.execute(sa.text("ANALYZE solicitacao"))
+        conn.execute(sa.text("ANALYZE paciente"))
+        compiled = source.page_statement(8000, 500).compile(
+            dialect=engine.dialect, schema_translate_map=monitor_schema_map("postgresql"),
+            render_schema_translate=True, compile_kwargs={"literal_binds": True})
+        plan = "\n".join(r[0] for r in conn.execute(sa.text(f"EXPLAIN {compiled}")))
+    engine.dispose()
+    assert re.search(r'Index Scan using "ItemSol_pkey" on "ItemSol"', plan), plan
+    assert 'Seq Scan on "ItemSol"' not in plan, plan
