@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -73,3 +74,42 @@ def build_monitor(settings: Settings, *, engine: sa.Engine | None = None,
     return Monitor(settings, LegacySource(engine, settings.monitor_name, settings.terceiros),
                    client, make_catalog(settings, client), FailureStore(settings.failed_dir),
                    shutdown=shutdown, on_dry_run=on_dry_run)
+
+
+def install_signal_handlers(shutdown: threading.Event) -> None:
+    """SIGINT/SIGTERM (and Ctrl+Break on Windows) only set the shutdown flag: the work in
+    flight finishes, then the loop exits."""
+    log = logging.getLogger(__name__)
+
+    def handler(signum, frame):
+        if not shutdown.is_set():
+            log.info("Sinal %s recebido: terminando o trabalho em andamento e saindo.", signum)
+        shutdown.set()
+
+    for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not in the main thread (embedded use)
+                pass
+
+
+def watch_stop_file(path, shutdown: threading.Event, interval: float = 0.5) -> threading.Thread:
+    """The Windows scripts ask for a graceful stop by creating this file (there is no
+    SIGTERM there); on Linux the scripts use SIGTERM and the file works too."""
+    stop_path = Path(path)
+
+    def watch():
+        while not shutdown.wait(interval):
+            if stop_path.exists():
+                logging.getLogger(__name__).info("Arquivo de parada %s encontrado: saindo.", stop_path)
+                try:
+                    stop_path.unlink()
+                except OSError:
+                    pass
+                shutdown.set()
+
+    thread = threading.Thread(target=watch, name="stop-file", daemon=True)
+    thread.start()
+    return thread

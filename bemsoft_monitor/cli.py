@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 import threading
 
@@ -40,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(SQLite + API falsa local)")
     parser.add_argument("--dry-run", action="store_true",
                         help="força BEMSOFT_DRY_RUN=1: só imprime os payloads, não grava nada")
+    parser.add_argument("--stop-file", metavar="ARQUIVO",
+                        help="sai com segurança quando este arquivo aparecer (usado pelos scripts)")
     return parser
 
 
@@ -64,20 +65,39 @@ def main(argv=None) -> int:
     if args.status:
         from .checks import print_status
         return print_status(settings)
-    return run_monitor(settings, "once" if args.once else "drain" if args.drain else "loop")
+    return run_monitor(settings, "once" if args.once else "drain" if args.drain else "loop",
+                       stop_file=args.stop_file)
 
 
-def run_monitor(settings: Settings, mode: str) -> int:
-    from .app import build_monitor
+def run_monitor(settings: Settings, mode: str, stop_file: str | None = None) -> int:
+    from .app import build_monitor, install_signal_handlers, watch_stop_file
     from .db import DatabaseUnavailable, connect_check
+    from .lock import InstanceLock
     from .monitor import StartError
 
     shutdown = threading.Event()
-    _install_signal_handlers(shutdown)
+    install_signal_handlers(shutdown)
+    if stop_file:
+        watch_stop_file(stop_file, shutdown)
     monitor = build_monitor(settings, shutdown=shutdown, on_dry_run=_print_payload)
+    lock = metrics = None
     try:
         connect_check(monitor.source.engine, settings)
+        if not settings.dry_run:  # DRY_RUN writes nothing and sends nothing: no lock needed
+            lock = InstanceLock(monitor.source.engine, settings.monitor_name)
+            if not wait_for_lock(lock, mode, shutdown):
+                return 0 if shutdown.is_set() else 4
+            monitor.lock = lock
         monitor.start()
+        if settings.metrics_port:
+            from .metrics import start_metrics_server
+            try:
+                metrics = start_metrics_server(monitor, settings.metrics_port,
+                                               settings.health_max_age, settings.metrics_host)
+            except OSError as err:
+                log.error("Não foi possível abrir METRICS_PORT=%s em %s: %s", settings.metrics_port,
+                          settings.metrics_host, err)
+                return 2
         log.info("Monitor iniciado (%s): laboratórios %s, %s, concorrência %d.",
                  mode, ", ".join(settings.terceiros),
                  "DRY_RUN (nada é enviado nem gravado)" if settings.dry_run else settings.requests_url,
@@ -91,27 +111,34 @@ def run_monitor(settings: Settings, mode: str) -> int:
         return 2
     finally:
         monitor.close()
+        if lock is not None:
+            lock.release()
+        if metrics is not None:
+            metrics.shutdown()
     s = monitor.stats
     log.info("Monitor encerrado: %d solicitações entregues (%d itens), %d com falha, checkpoint %s.",
              s.delivered, s.delivered_items, s.failed, monitor.checkpoint)
     return code
 
 
+def wait_for_lock(lock, mode: str, shutdown: threading.Event, retry_every: float = 15.0) -> bool:
+    """Single instance: --once/--drain exit at once; the loop waits as a standby."""
+    if lock.acquire():
+        return True
+    if mode != "loop":
+        log.error("Outro monitor '%s' já está ativo neste banco (%s); nada foi feito. "
+                  "Pare o outro ou use outro MONITOR_NAME.", lock.name, lock.describe())
+        return False
+    log.warning("Outro monitor '%s' já está ativo neste banco (%s). Este fica em espera e "
+                "assume quando o outro parar (nova tentativa a cada %.0f s).",
+                lock.name, lock.describe(), retry_every)
+    while not shutdown.wait(retry_every):
+        if lock.acquire():
+            log.info("Bloqueio obtido: este monitor assume o envio.")
+            return True
+    return False
+
+
 def _print_payload(payload: dict, key: str) -> None:
     print(f"[DRY_RUN] Idempotency-Key: {key}")
     print(json.dumps(payload, ensure_ascii=False, indent=2), flush=True)
-
-
-def _install_signal_handlers(shutdown: threading.Event) -> None:
-    def handler(signum, frame):
-        if not shutdown.is_set():
-            log.info("Sinal %s recebido: terminando a solicitação em andamento e saindo.", signum)
-        shutdown.set()
-
-    for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
-        sig = getattr(signal, name, None)
-        if sig is not None:
-            try:
-                signal.signal(sig, handler)
-            except ValueError:  # not in the main thread (embedded use)
-                pass

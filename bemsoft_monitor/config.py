@@ -38,7 +38,7 @@ KNOWN_KEYS = (
     "DEFAULT_GENDER", "DEFAULT_BIRTHDATE",
     "PHYSICIAN_NAME", "PHYSICIAN_COUNCIL", "PHYSICIAN_NUMBER", "PHYSICIAN_UF",
     "TIMEZONE", "START_FROM", "LOOKBACK_ITEMS", "BATCH_SIZE", "MONITOR_NAME",
-    "LOG_LEVEL", "LOG_FILE", "METRICS_PORT", "HEALTH_MAX_AGE",
+    "LOG_LEVEL", "LOG_FILE", "METRICS_PORT", "METRICS_HOST", "HEALTH_MAX_AGE",
 )
 
 
@@ -112,6 +112,7 @@ class Settings:
     log_level: str = "INFO"
     log_file: Path | None = PROJECT_DIR / "completo" / "logs" / "monitor.log"
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     health_max_age: float = 300.0
 
     @property
@@ -340,6 +341,7 @@ def parse_settings(values: Mapping[str, str | None], base_dir: Path = PROJECT_DI
         log_level=log_level,
         log_file=log_file,
         metrics_port=metrics_port,
+        metrics_host=r.str("METRICS_HOST", "127.0.0.1"),
         health_max_age=r.number("HEALTH_MAX_AGE", 300.0, minimum=1.0),
     )
 

@@ -20,6 +20,7 @@ from .catalog import CatalogUnavailable
 from .client import DUPLICATE, PERMANENT, TRANSIENT, BemsoftClient, Delivery
 from .config import Settings
 from .failures import FailureRecord, FailureStore, FailureWriteError
+from .metrics import LatencyHistogram
 from .payload import TransformError, build_payload, idempotency_key, make_event
 from .retry import PauseGate
 from .schema import DELIVERED, FAILED
@@ -102,6 +103,7 @@ class Monitor:
         self.floor = 0       # the look-back window never reaches below the start point
         self.high_water = 0
         self.stats = Stats()
+        self.latency = LatencyHistogram()
         self.last_cycle_at: float | None = None  # time.time() of the last completed cycle
         self._first_seen: dict[str, tuple[tuple, float]] = {}
         self._attempts: dict[str, int] = {}
@@ -111,6 +113,8 @@ class Monitor:
         self._failed_cycles = 0
         self._dry_done: set[int] = set()
         self._db_down = False
+        self.lock = None          # InstanceLock, set by the CLI (single instance)
+        self._lock_lost = False
         workers = max(1, settings.concurrency)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="sender") if workers > 1 else None
 
@@ -169,7 +173,7 @@ class Monitor:
         result = CycleResult()
         if self.checkpoint is None:
             self.start()
-        if self.gate.remaining() > 0:
+        if self.gate.remaining() > 0 or not self._lock_ok():
             return result
         page = self.source.read_page(self.window_low(), self.settings.batch_size,
                                      with_state=not self.dry_run)
@@ -206,6 +210,20 @@ class Monitor:
         result.more = page.full and result.ready > 0 and not (catalog_down or result.transient)
         self.last_cycle_at = time.time()
         return result
+
+    def _lock_ok(self) -> bool:
+        if self.lock is None:
+            return True
+        if self.lock.verify():
+            if self._lock_lost:
+                log.info("Bloqueio de instância retomado; envio continua.")
+            self._lock_lost = False
+            return True
+        if not self._lock_lost:
+            log.error("Bloqueio de instância perdido para outro monitor '%s': envio suspenso "
+                      "até retomá-lo.", self.settings.monitor_name)
+        self._lock_lost = True
+        return False
 
     def _quiet(self, group: Group, now: float) -> bool:
         if self.settings.debounce_seconds <= 0:
@@ -312,6 +330,7 @@ class Monitor:
     def _settle(self, job: Job, result: CycleResult) -> None:
         delivery = job.delivery
         now = self.clock()
+        self.latency.observe(delivery.duration)
         if delivery.ok:
             job.outcome = DELIVERED
             self._last_success = now

@@ -1,0 +1,114 @@
+"""`python retry_failed.py`: replays failure files (thin CLI over bemsoft_monitor.replay)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+from pathlib import Path
+
+from .config import ConfigError, load_settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Reprocessa as falhas salvas em FAILED_DIR: remonta o pedido a partir do evento
+guardado, com a configuração e o catálogo atuais (um mapeamento corrigido ou um exame recém
+cadastrado passam a valer), e envia à Bemsoft. Sem --send, só mostra o que faria."""
+
+EPILOG = """Cada arquivo enviado com sucesso sai de FAILED_DIR (vai para --move-ok, padrão:
+a pasta 'sent' ao lado de FAILED_DIR), então nunca é reenviado. Um arquivo ilegível é
+informado e deixado no lugar. Código de saída 1 se algum arquivo falhar."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retry_failed.py", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--env-file", metavar="ARQUIVO",
+                        help="arquivo de configuração (padrão: .env ao lado do script)")
+    parser.add_argument("--dir", metavar="PASTA", help="pasta das falhas (padrão: FAILED_DIR)")
+    parser.add_argument("--file", metavar="ARQUIVO", action="append",
+                        help="processa só este arquivo (pode repetir)")
+    parser.add_argument("--send", action="store_true",
+                        help="envia de fato (força BEMSOFT_DRY_RUN=0 neste processo)")
+    parser.add_argument("--move-ok", metavar="PASTA",
+                        help="para onde mover os arquivos enviados com sucesso")
+    parser.add_argument("--limit", type=int, metavar="N", help="processa no máximo N arquivos")
+    parser.add_argument("--verbose", action="store_true",
+                        help="mostra o payload e a resposta da API de cada arquivo")
+    parser.add_argument("--watch", type=float, metavar="SEGUNDOS",
+                        help="repete a cada N segundos até receber Ctrl+C / SIGTERM")
+    parser.add_argument("--stop-file", metavar="ARQUIVO",
+                        help="sai com segurança quando este arquivo aparecer (usado pelos scripts)")
+    return parser
+
+
+def main(argv=None, out=None) -> int:
+    out = out or sys.stdout
+    args = build_parser().parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        print("Opção inválida: --limit deve ser um número inteiro >= 1", file=sys.stderr)
+        return 2
+    try:
+        settings = load_settings(args.env_file)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    if args.send:
+        if not settings.token:
+            print("Configuração inválida: BEMSOFT_TOKEN é obrigatório para --send", file=sys.stderr)
+            return 2
+        settings = settings.with_overrides(dry_run=False)
+
+    from .app import install_signal_handlers, make_catalog, setup_logging, watch_stop_file
+    from .client import BemsoftClient
+    from .retry import PauseGate
+
+    setup_logging(settings, to_file=args.send)
+    directory = Path(args.dir) if args.dir else settings.failed_dir
+    move_ok = Path(args.move_ok) if args.move_ok else directory.parent / "sent"
+    shutdown = threading.Event()
+    install_signal_handlers(shutdown)
+    if args.stop_file:
+        watch_stop_file(args.stop_file, shutdown)
+    client = BemsoftClient(settings, PauseGate(shutdown)) if settings.token else None
+    catalog = make_catalog(settings, client)
+    try:
+        while True:
+            code = replay_once(args, settings, client, catalog, directory, move_ok, out)
+            if not args.watch or shutdown.wait(args.watch):
+                return code
+    finally:
+        if client:
+            client.close()
+
+
+def replay_once(args, settings, client, catalog, directory: Path, move_ok: Path, out) -> int:
+    from .failures import FailureStore
+    from .replay import FAILED, OK, SKIPPED, WOULD_SEND, release_stale_claims, replay_file
+
+    if args.file:
+        paths = [Path(f) for f in args.file]
+    else:
+        for path in release_stale_claims(directory):
+            log.warning("Arquivo %s estava preso por um reenvio interrompido; liberado.", path.name)
+        paths = FailureStore(directory).files()
+    if args.limit:
+        paths = paths[:args.limit]
+    counts = {OK: 0, WOULD_SEND: 0, FAILED: 0, SKIPPED: 0}
+    for path in paths:
+        if not path.exists():
+            print(f"[ERRO] {path}: arquivo não encontrado", file=out, flush=True)
+            counts[FAILED] += 1
+            continue
+        result = replay_file(path, settings, client, catalog, send=args.send, move_ok=move_ok)
+        counts[result.status] += 1
+        label = {OK: "[OK]", WOULD_SEND: "[DRY-RUN]", FAILED: "[ERRO]", SKIPPED: "[PULADO]"}[result.status]
+        print(f"{label} {path.name}: {result.message}", file=out, flush=True)
+        if result.payload is not None and (args.verbose or not args.send):
+            print(json.dumps(result.payload, ensure_ascii=False, indent=2), file=out)
+        if args.verbose and result.delivery is not None:
+            print(f"      HTTP {result.delivery.status}, {result.delivery.attempts} tentativa(s): "
+                  f"{result.delivery.body}", file=out)
+    print(f"Resumo: {len(paths)} arquivo(s); enviados {counts[OK]}, com erro {counts[FAILED]}, "
+          f"a enviar (dry-run) {counts[WOULD_SEND]}, pulados {counts[SKIPPED]}.", file=out, flush=True)
+    return 1 if counts[FAILED] else 0

@@ -1,0 +1,385 @@
+"""How the monitor copes with each behaviour of the Bemsoft API (SPEC §5) and with outages,
+end to end: a real database (SQLite and PostgreSQL), the real monitor, and the fake API
+over 127.0.0.1 with injected faults."""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import time
+
+import pytest
+
+from bemsoft_monitor.catalog import Catalog
+from bemsoft_monitor.payload import idempotency_key
+from bemsoft_monitor.retry import PauseGate
+from conftest import TOKEN
+
+FAST = {"BEMSOFT_BACKOFF": "0.01", "BEMSOFT_MAX_BACKOFF": "1"}
+
+
+def posts(api):
+    """POSTs of solicitations (dropped ones included)."""
+    return [r for r in api.requests if isinstance(r.get("body"), dict) and "batch" in r["body"]]
+
+
+def stored_once(api, item_ids):
+    counts = collections.Counter(api.stored_tests())
+    return {k: counts[k] for k in counts} == {f"item-{i}": 1 for i in item_ids}
+
+
+def failure_files(tmp_path):
+    directory = tmp_path / "failed"
+    return sorted(directory.glob("*.json")) if directory.is_dir() else []
+
+
+def failure_records(tmp_path):
+    return [json.loads(p.read_text(encoding="utf-8")) for p in failure_files(tmp_path)]
+
+
+class SkewClock:
+    """Real monotonic time plus an offset the test can jump forward."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+
+def fast_clocks(harness, monitor):
+    """Give the monitor a pause gate whose clock the test can jump (instead of waiting out
+    the >= 1 s pause after a failed cycle) and a catalog on the harness clock. Same parts
+    as build_monitor wires, only with injected clocks."""
+    clock = SkewClock()
+    gate = PauseGate(monitor.shutdown, clock=clock)
+    monitor.gate = monitor.client.gate = gate
+    monitor.catalog = Catalog(monitor.client.fetch_tests, monitor.settings.tests_ttl,
+                              clock=harness.clock)
+
+    def skip_pause():
+        assert gate.remaining() > 0, "the monitor should be pausing"
+        clock.offset += gate.remaining() + 0.001
+        harness.clock_value += 10
+
+    monitor.skip_pause = skip_pause
+    return monitor
+
+
+# ---------------------------------------------------------------- §5.1: 201 with an error
+
+def test_201_with_an_error_body_from_a_too_long_external_id_is_a_failure(harness, tmp_path):
+    harness.api.max_external_id = 9           # the fake's length limit, lowered: "sol-12345" ok
+    ok = harness.order(12345, ["GLI"])
+    bad = harness.order(1234567, ["HEMO"])    # "sol-1234567" is too long: 201 + error, not saved
+    monitor = harness.monitor()
+    monitor.step()
+    [record] = failure_records(tmp_path)
+    assert record["cod_solicitacao"] == "1234567" and record["item_ids"] == bad
+    assert record["http_status"] == 201
+    assert "Não foi possível salvar" in record["reason"] and "sol-1234567" in record["reason"]
+    assert record["idempotency_key"] == idempotency_key("1234567", bad)
+    assert stored_once(harness.api, ok)           # the bad one stored nothing
+    assert harness.checkpoint() == max(bad)       # it has its recorded outcome
+    assert monitor.stats.failed == 1 and monitor.stats.delivered == 1
+    monitor.step()
+    assert len(posts(harness.api)) == 2           # not re-sent (its key would get a 409)
+
+
+def test_201_with_an_error_body_is_a_failure_and_saves_nothing(harness, tmp_path):
+    first = harness.order(1, ["GLI", "HEMO"])
+    second = harness.order(2, ["TSH"])
+    harness.api.fail_next(1, status=201,
+                          body={"error": "Não foi possível salvar os dados recebidos no lote sol-1."})
+    monitor = harness.monitor()
+    monitor.step()
+    [record] = failure_records(tmp_path)
+    assert record["item_ids"] == first and record["http_status"] == 201
+    assert "Não foi possível salvar os dados recebidos no lote sol-1." in record["reason"]
+    assert "Não foi possível salvar" in record["response"]
+    assert record["attempts"] == 1
+    assert [r["key"] for r in posts(harness.api)] == [idempotency_key("1", first),
+                                                      idempotency_key("2", second)]
+    assert stored_once(harness.api, second)
+    assert harness.checkpoint() == max(second)
+
+
+# ---------------------------------------------------------------- §5.2: 409
+
+def test_409_on_the_first_send_counts_as_delivered(harness, tmp_path):
+    ids = harness.order(1, ["GLI"])
+    harness.api.fail_next(1, status=409, body={"error": "Idempotency-Key já utilizada"})
+    monitor = harness.monitor()
+    result = monitor.step()
+    assert result.sent == 1 and result.transient == 0
+    assert monitor.stats.duplicates == 1 and monitor.stats.delivered == 1
+    assert monitor.stats.failed == 0
+    assert failure_files(tmp_path) == []
+    assert harness.checkpoint() == max(ids)
+    assert len(posts(harness.api)) == 1           # not retried
+    monitor.step()
+    assert len(posts(harness.api)) == 1
+
+
+# ---------------------------------------------------------------- §5.3: permanent answers
+
+def test_400_is_a_failure_and_is_not_retried(harness, tmp_path):
+    bad = harness.order(1, ["GLI"])
+    ok = harness.order(2, ["TSH"])
+    harness.api.fail_next(1, status=400,
+                          body={"errors": ["batch.order.patient.birthDate: data inválida"]})
+    monitor = harness.monitor(BEMSOFT_RETRIES=3)
+    monitor.step()
+    monitor.step()
+    [record] = failure_records(tmp_path)
+    assert record["item_ids"] == bad and record["http_status"] == 400
+    assert "400" in record["reason"] and "birthDate" in record["reason"]
+    keys = [r["key"] for r in posts(harness.api)]
+    assert keys.count(idempotency_key("1", bad)) == 1        # exactly one POST
+    assert stored_once(harness.api, ok)
+    assert harness.checkpoint() == max(ok)
+
+
+def test_wrong_token_sends_nothing_loses_nothing_and_says_so(harness, tmp_path, caplog):
+    """A wrong BEMSOFT_TOKEN is refused already by GET /tests: the catalog cannot load, so
+    nothing is POSTed and nothing is written to FAILED_DIR (the items wait); the log names
+    the setting and never shows the token."""
+    wrong = "wrong-token-SECRET-999"
+    ids = harness.order(1, ["GLI"])
+    monitor = fast_clocks(harness, harness.monitor(BEMSOFT_TOKEN=wrong, **FAST))
+    with caplog.at_level(logging.INFO):
+        monitor.step()
+        monitor.skip_pause()
+        monitor.step()
+    assert posts(harness.api) == []
+    assert failure_files(tmp_path) == []
+    assert harness.checkpoint() == 0
+    assert "BEMSOFT_TOKEN" in caplog.text and "401" in caplog.text
+    assert wrong not in caplog.text and TOKEN not in caplog.text
+    fixed = harness.monitor()                      # the operator fixes the .env
+    fixed.step()
+    assert stored_once(harness.api, ids)
+    assert harness.checkpoint() == max(ids)
+
+
+def test_401_on_post_is_a_failure_naming_the_token_setting(harness, tmp_path, caplog):
+    first = harness.order(1, ["GLI"])
+    monitor = harness.monitor(BEMSOFT_RETRIES=3)
+    monitor.step()                                 # catalog loaded, order 1 delivered
+    harness.api.token = "rotated-on-the-bemsoft-side"   # our BEMSOFT_TOKEN is now wrong
+    second = harness.order(2, ["TSH"])
+    with caplog.at_level(logging.INFO):
+        monitor.step()
+    [path] = failure_files(tmp_path)
+    record = json.loads(path.read_text(encoding="utf-8"))
+    assert record["item_ids"] == second and record["http_status"] == 401
+    assert "BEMSOFT_TOKEN" in record["reason"]
+    assert [r["status"] for r in posts(harness.api)] == [201, 401]   # not retried
+    assert TOKEN not in path.read_text(encoding="utf-8")
+    assert TOKEN not in caplog.text
+    assert stored_once(harness.api, first)
+    assert harness.checkpoint() == max(second)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_token_echoed_by_the_api_is_redacted(harness, tmp_path, caplog, status):
+    ids = harness.order(1, ["GLI"])
+    harness.api.fail_next(1, status=status,
+                          body={"error": f"token inválido: Bearer {TOKEN}", "token": TOKEN})
+    monitor = harness.monitor()
+    with caplog.at_level(logging.DEBUG):
+        monitor.step()
+    [path] = failure_files(tmp_path)
+    text = path.read_text(encoding="utf-8")
+    record = json.loads(text)
+    assert record["http_status"] == status and record["item_ids"] == ids
+    assert "BEMSOFT_TOKEN" in record["reason"]
+    assert TOKEN not in text
+    assert TOKEN not in caplog.text
+    assert "BEMSOFT_TOKEN" in caplog.text
+
+
+# ---------------------------------------------------------------- §5.3: transient answers
+
+def test_429_with_retry_after_is_retried_with_the_same_key(harness, tmp_path):
+    ids = harness.order(1, ["GLI", "HEMO"])
+    harness.api.fail_next(1, status=429, retry_after="0.2")
+    monitor = harness.monitor(**FAST)
+    monitor.step()
+    sent = posts(harness.api)
+    assert [r["status"] for r in sent] == [429, 201]
+    assert sent[0]["key"] == sent[1]["key"] == idempotency_key("1", ids)
+    assert sent[1]["time"] - sent[0]["time"] >= 0.18      # Retry-After, not BEMSOFT_BACKOFF
+    assert failure_files(tmp_path) == []
+    assert stored_once(harness.api, ids)
+    assert harness.checkpoint() == max(ids)
+    assert monitor.stats.delivered == 1 and monitor.stats.transient == 0
+
+
+def test_429_retry_after_pauses_every_sender(harness, tmp_path):
+    ids = []
+    for cod in range(1, 13):
+        ids += harness.order(cod, ["GLI"])
+    pause = 0.4
+    harness.api.fail_next(1, status=429, retry_after=str(pause))
+    monitor = harness.monitor(BEMSOFT_CONCURRENCY=4, **FAST)
+    monitor.step()
+    sent = posts(harness.api)
+    [limited] = [r for r in sent if r["status"] == 429]
+    t0 = limited["time"]
+    assert limited is sent[0]
+    # requests already on the wire when the 429 arrived may land just after it; then
+    # nobody sends until the pause is over
+    during = [r for r in sent if t0 + 0.1 < r["time"] < t0 + pause - 0.05]
+    assert during == []
+    after = [r for r in sent if r["time"] >= t0 + pause - 0.05]
+    assert len(after) >= 3                     # the other senders waited, not only this one
+    retried = [r for r in sent if r["key"] == limited["key"]]
+    assert [r["status"] for r in retried] == [429, 201]
+    assert failure_files(tmp_path) == []
+    assert stored_once(harness.api, ids)
+    assert harness.checkpoint() == max(ids)
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_5xx_then_success_is_retried_with_the_same_key(harness, tmp_path, status):
+    ids = harness.order(1, ["GLI"])
+    harness.api.fail_next(1, status=status, body="<html>Bad Gateway</html>")
+    monitor = harness.monitor(**FAST)
+    monitor.step()
+    sent = posts(harness.api)
+    assert [r["status"] for r in sent] == [status, 201]
+    assert {r["key"] for r in sent} == {idempotency_key("1", ids)}
+    assert failure_files(tmp_path) == []
+    assert stored_once(harness.api, ids)
+    assert harness.checkpoint() == max(ids)
+
+
+def test_5xx_beyond_the_client_retries_is_retried_next_cycle_with_the_same_key(harness, tmp_path):
+    ids = harness.order(1, ["GLI"])
+    harness.api.fail_next(2, status=503)               # both attempts of the first cycle
+    monitor = fast_clocks(harness, harness.monitor(**FAST))
+    result = monitor.step()
+    assert result.transient == 1
+    assert harness.checkpoint() == 0 and failure_files(tmp_path) == []
+    monitor.skip_pause()
+    monitor.step()
+    sent = posts(harness.api)
+    assert [r["status"] for r in sent] == [503, 503, 201]
+    assert {r["key"] for r in sent} == {idempotency_key("1", ids)}
+    assert stored_once(harness.api, ids)
+    assert harness.checkpoint() == max(ids)
+
+
+def test_client_timeout_retries_with_the_same_key_and_the_server_dedupes(harness, tmp_path):
+    ids = harness.order(1, ["GLI", "HEMO"])
+    harness.api.timeout_next(1, 1.5)       # processed and stored, but answered too late
+    monitor = harness.monitor(BEMSOFT_TIMEOUT="0.5", **FAST)
+    started = time.monotonic()
+    monitor.step()
+    assert time.monotonic() - started < 1.4
+    sent = posts(harness.api)
+    assert [r["key"] for r in sent] == [idempotency_key("1", ids)] * 2
+    assert harness.api.status_counts() == {"201": 1, "409": 1}
+    assert stored_once(harness.api, ids)
+    assert monitor.stats.delivered == 1 and monitor.stats.duplicates == 1
+    assert failure_files(tmp_path) == []
+    assert harness.checkpoint() == max(ids)
+
+
+def test_dropped_connection_is_retried(harness, tmp_path):
+    ids = harness.order(1, ["GLI"])
+    harness.api.drop_next(1)
+    monitor = harness.monitor(**FAST)
+    monitor.step()
+    sent = posts(harness.api)
+    assert [r["status"] for r in sent] == [None, 201]
+    assert {r["key"] for r in sent} == {idempotency_key("1", ids)}
+    assert stored_once(harness.api, ids)
+    assert failure_files(tmp_path) == []
+    assert harness.checkpoint() == max(ids)
+
+
+# ---------------------------------------------------------------- outages
+
+def test_api_outage_fails_nothing_and_delivers_everything_once_it_is_back(harness, tmp_path):
+    orders = {cod: harness.order(cod, ["GLI", "TSH"]) for cod in (1, 2, 3)}
+    harness.api.fail_next(1000, status=503)
+    monitor = fast_clocks(harness, harness.monitor(BEMSOFT_MAX_ATTEMPTS=2, **FAST))
+    for cycle in range(5):                 # well beyond BEMSOFT_MAX_ATTEMPTS
+        result = monitor.step()
+        assert result.transient == 1
+        assert failure_files(tmp_path) == []
+        assert harness.checkpoint() == 0
+        # the monitor pauses: a cycle during the pause sends nothing
+        before = len(harness.api.requests)
+        assert monitor.step().sent == 0
+        assert len(harness.api.requests) == before
+        monitor.skip_pause()
+    failed_posts = posts(harness.api)
+    assert len(failed_posts) >= 10 and {r["status"] for r in failed_posts} == {503}
+    assert harness.api.stored_tests() == []
+
+    harness.api.clear_faults()             # the API is back
+    monitor.run("drain")
+    everything = [i for ids in orders.values() for i in ids]
+    assert stored_once(harness.api, everything)
+    assert failure_files(tmp_path) == []
+    assert harness.checkpoint() == max(everything)
+    # every attempt of a solicitation used its one key
+    keys = {cod: idempotency_key(str(cod), ids) for cod, ids in orders.items()}
+    assert {r["key"] for r in posts(harness.api)} == set(keys.values())
+    assert [r["status"] for r in posts(harness.api)].count(201) == 3
+
+
+def test_one_solicitation_failing_while_others_go_ends_in_failed_dir(harness, tmp_path):
+    """The fake cannot fail one payload on purpose (its faults hit the next N POSTs,
+    whoever sends them), so the failing one is isolated with the page order: BATCH_SIZE=1
+    and a lower-numbered order that commits late."""
+    stuck = harness.order(1, [{"CodItemSol": 50, "CodConvExames": "GLI", "DescExames": "GLI",
+                               "Origem": "A"}])
+    monitor = fast_clocks(harness, harness.monitor(BEMSOFT_MAX_ATTEMPTS=2, BATCH_SIZE=1,
+                                                   **FAST))
+    harness.api.fail_next(2, status=500)
+    monitor.step()                          # cycle 1: order 1 fails (attempt 1 of 2)
+    assert failure_files(tmp_path) == []
+
+    other = harness.order(2, [{"CodItemSol": 10, "CodConvExames": "TSH", "DescExames": "TSH",
+                               "Origem": "A"}])
+    monitor.skip_pause()
+    monitor.step()                          # cycle 2: order 2 (lower id) is delivered
+    assert stored_once(harness.api, other)
+    assert failure_files(tmp_path) == []
+
+    harness.api.fail_next(2, status=500)
+    monitor.step()                          # cycle 3: order 1 fails again -> FAILED_DIR
+    [record] = failure_records(tmp_path)
+    assert record["item_ids"] == stuck and record["http_status"] == 500
+    assert "falhou 2 vezes" in record["reason"] and "500" in record["reason"]
+    assert record["attempts"] >= 2
+    keys = [r["key"] for r in posts(harness.api)]
+    assert keys.count(idempotency_key("1", stuck)) == 4      # same key on every attempt
+
+    monitor.run("drain")
+    assert harness.checkpoint() == 50
+    assert stored_once(harness.api, other)
+    assert len(posts(harness.api)) == 5                      # never sent again
+
+
+def test_catalog_unavailable_at_start_sends_nothing_and_delivers_later(harness, tmp_path):
+    ids = harness.order(1, ["GLI", "HEMO"])
+    harness.api.fail_tests_next(3, status=503)
+    monitor = fast_clocks(harness, harness.monitor(**FAST))
+    for _ in range(3):
+        result = monitor.step()
+        assert result.sent == 0
+        assert posts(harness.api) == []
+        assert failure_files(tmp_path) == []
+        assert harness.checkpoint() == 0
+        monitor.skip_pause()                 # also moves the catalog's clock past its retry pause
+    assert harness.api.tests_calls == 3
+    monitor.step()
+    assert harness.api.tests_calls == 4
+    assert stored_once(harness.api, ids)
+    assert failure_files(tmp_path) == []
+    assert harness.checkpoint() == max(ids)

@@ -1,0 +1,298 @@
+"""Retry policy, Retry-After parsing, the shared pause gate and response classification
+(SPEC §5). Pure units use fake clocks; the client-level checks talk to the fake API over
+127.0.0.1."""
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import json
+import threading
+import time
+
+import pytest
+
+from bemsoft_monitor.client import (DELIVERED, DUPLICATE, PERMANENT, TRANSIENT, BemsoftClient,
+                                    classify)
+from bemsoft_monitor.config import parse_settings
+from bemsoft_monitor.retry import PauseGate, RetryPolicy, parse_retry_after
+from conftest import TOKEN
+
+
+class FakeClock:
+    def __init__(self, start: float = 100.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# ---------------------------------------------------------------- RetryPolicy
+
+def test_backoff_doubles_from_the_first_delay():
+    assert RetryPolicy(retries=3, backoff=1.0, max_backoff=300).delays() == [1, 2, 4]
+    assert RetryPolicy(retries=5, backoff=0.5, max_backoff=300).delays() == [0.5, 1, 2, 4, 8]
+    assert RetryPolicy(retries=0, backoff=1.0).delays() == []
+
+
+def test_backoff_is_capped_by_max_backoff():
+    assert RetryPolicy(retries=6, backoff=1.0, max_backoff=5).delays() == [1, 2, 4, 5, 5, 5]
+    assert RetryPolicy(retries=3, backoff=1.0, max_backoff=300).delay(20) == 300
+
+
+def test_retry_after_wins_over_the_computed_backoff():
+    policy = RetryPolicy(retries=3, backoff=1.0, max_backoff=300)
+    assert policy.delay(1, retry_after=10) == 10     # longer than the backoff (1)
+    assert policy.delay(3, retry_after=0.5) == 0.5   # shorter than the backoff (4)
+    assert policy.delay(2, retry_after=0) == 0
+    assert policy.delay(2, retry_after=None) == 2
+
+
+def test_retry_after_is_capped_and_a_negative_one_is_ignored():
+    policy = RetryPolicy(retries=3, backoff=1.0, max_backoff=30)
+    assert policy.delay(1, retry_after=120) == 30
+    assert policy.delay(1, retry_after=float("inf")) == 30
+    assert policy.delay(3, retry_after=-5) == 4
+
+
+# ---------------------------------------------------------------- parse_retry_after
+
+@pytest.mark.parametrize("value, expected", [
+    ("5", 5.0), (" 2.5 ", 2.5), ("0", 0.0), ("120", 120.0), ("-3", 0.0),
+])
+def test_retry_after_in_seconds(value, expected):
+    assert parse_retry_after(value) == expected
+
+
+def test_retry_after_as_an_http_date():
+    now = 1_800_000_000.0
+    future = email.utils.formatdate(now + 30, usegmt=True)   # "Fri, 15 Jan 2027 ... GMT"
+    assert parse_retry_after(future, now=now) == pytest.approx(30.0)
+    past = email.utils.formatdate(now - 3600, usegmt=True)
+    assert parse_retry_after(past, now=now) == 0.0
+    # without `now` it is measured against the real clock
+    soon = email.utils.format_datetime(
+        dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=90), usegmt=True)
+    assert 80 <= parse_retry_after(soon) <= 91
+
+
+@pytest.mark.parametrize("value", [None, "", "   ", "soon", "Wed, 99 Foo 2024 99:99:99 GMT",
+                                   "1,5", "5 seconds"])
+def test_retry_after_junk_is_none(value):
+    assert parse_retry_after(value) is None
+
+
+# ---------------------------------------------------------------- PauseGate
+
+def test_pause_gate_remaining_follows_the_clock():
+    clock = FakeClock()
+    gate = PauseGate(clock=clock)
+    assert gate.remaining() == 0
+    gate.pause(5)
+    assert gate.remaining() == 5
+    clock.now += 2
+    assert gate.remaining() == 3
+    gate.pause(1)                     # a shorter pause never shortens the current one
+    assert gate.remaining() == 3
+    gate.pause(10)                    # a longer one extends it
+    assert gate.remaining() == 10
+    clock.now += 10.5
+    assert gate.remaining() == 0
+
+
+def test_pause_gate_wait_returns_at_once_when_not_paused():
+    clock = FakeClock()
+    gate = PauseGate(clock=clock)
+    gate.pause(3)
+    clock.now += 3
+    started = time.monotonic()
+    assert gate.wait() is True
+    assert time.monotonic() - started < 0.1
+
+
+def test_pause_gate_wait_blocks_until_the_pause_is_over():
+    gate = PauseGate()
+    gate.pause(0.15)
+    started = time.monotonic()
+    assert gate.wait() is True
+    assert time.monotonic() - started >= 0.14
+    assert gate.remaining() == 0
+
+
+def test_pause_gate_wait_honours_shutdown():
+    shutdown = threading.Event()
+    clock = FakeClock()
+    gate = PauseGate(shutdown, clock=clock)
+    gate.pause(3600)
+    shutdown.set()
+    started = time.monotonic()
+    assert gate.wait() is False                      # already shutting down
+    assert gate.sleep(3600) is False
+    assert time.monotonic() - started < 0.1
+
+
+def test_pause_gate_wait_wakes_up_on_shutdown_during_a_long_pause():
+    shutdown = threading.Event()
+    gate = PauseGate(shutdown)
+    gate.pause(3600)
+    timer = threading.Timer(0.05, shutdown.set)
+    timer.start()
+    started = time.monotonic()
+    try:
+        assert gate.wait() is False
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 0.5
+
+
+def test_pause_gate_sleep():
+    shutdown = threading.Event()
+    gate = PauseGate(shutdown)
+    started = time.monotonic()
+    assert gate.sleep(0.05) is True
+    assert time.monotonic() - started >= 0.045
+    timer = threading.Timer(0.05, shutdown.set)
+    timer.start()
+    started = time.monotonic()
+    try:
+        assert gate.sleep(3600) is False
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 0.5
+
+
+# ---------------------------------------------------------------- classify
+
+@pytest.mark.parametrize("status", [200, 201, 202, 204])
+@pytest.mark.parametrize("body", [b"", b"   ", b'{"id": "x", "status": "received"}', b"[]",
+                                  b"not json", b'{"error": null}', b'"ok"'])
+def test_2xx_without_an_error_is_delivered(status, body):
+    outcome, reason = classify(status, body)
+    assert outcome == DELIVERED
+    assert str(status) in reason
+
+
+@pytest.mark.parametrize("key", ["error", "errors", "erro", "erros"])
+@pytest.mark.parametrize("empty", [None, "", [], {}, False])
+def test_2xx_with_an_empty_error_field_is_delivered(key, empty):
+    assert classify(201, json.dumps({key: empty, "id": 1}).encode())[0] == DELIVERED
+
+
+@pytest.mark.parametrize("key", ["error", "errors", "erro", "erros"])
+def test_2xx_with_an_error_message_in_the_body_is_permanent(key):
+    message = "Não foi possível salvar os dados recebidos no lote sol-43335."
+    outcome, reason = classify(201, json.dumps({key: message}, ensure_ascii=False).encode())
+    assert outcome == PERMANENT
+    assert message in reason and "201" in reason
+
+
+@pytest.mark.parametrize("key", ["errors", "erros"])
+def test_2xx_with_an_error_list_is_permanent(key):
+    outcome, reason = classify(200, json.dumps({key: ["batch.date: inválida"]}).encode())
+    assert outcome == PERMANENT
+    assert "batch.date: inválida" in reason
+
+
+def test_2xx_error_is_found_in_a_later_key():
+    body = json.dumps({"error": "", "erros": ["lote recusado"]}).encode()
+    assert classify(201, body)[0] == PERMANENT
+
+
+def test_409_is_a_duplicate_whatever_the_body():
+    for body in (b"", b'{"error": "Idempotency-Key j\xc3\xa1 utilizada"}', b"<html>"):
+        outcome, _ = classify(409, body)
+        assert outcome == DUPLICATE
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_token_refusals_are_permanent_and_name_the_setting(status):
+    outcome, reason = classify(status, b'{"error": "token inv\xc3\xa1lido"}')
+    assert outcome == PERMANENT
+    assert "BEMSOFT_TOKEN" in reason and str(status) in reason
+
+
+def test_400_is_permanent_and_carries_the_body():
+    outcome, reason = classify(400, b'{"errors": ["batch.order.patient.gender: deve ser M ou F"]}')
+    assert outcome == PERMANENT
+    assert "400" in reason and "gender" in reason
+
+
+@pytest.mark.parametrize("status", [301, 404, 405, 413, 415, 422])
+def test_other_4xx_and_3xx_are_permanent(status):
+    outcome, reason = classify(status, b"nope")
+    assert outcome == PERMANENT
+    assert str(status) in reason
+
+
+@pytest.mark.parametrize("status", [408, 425, 429, 500, 502, 503, 504, 599])
+def test_429_5xx_and_timeouts_are_transient(status):
+    outcome, reason = classify(status, b"<html>Bad Gateway</html>")
+    assert outcome == TRANSIENT
+    assert str(status) in reason
+
+
+def test_classify_cuts_a_huge_body():
+    _, reason = classify(500, b"x" * 100_000)
+    assert len(reason) < 2000
+
+
+# ---------------------------------------------------------------- the client's retries
+
+def make_client(tmp_path, api, **overrides) -> BemsoftClient:
+    values = {"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", "TERCEIROS": "LAB",
+              "BEMSOFT_BASE_URL": api.url, "BEMSOFT_TOKEN": TOKEN, "BEMSOFT_TIMEOUT": "5",
+              "LOG_FILE": "-"}
+    values.update({k: str(v) for k, v in overrides.items()})
+    return BemsoftClient(parse_settings(values, base_dir=tmp_path))
+
+
+MINIMAL = {"batch": {"externalId": "sol-1"}}   # the fake answers faults before validating
+
+
+def test_client_waits_the_backoff_sequence_between_attempts(tmp_path, api):
+    client = make_client(tmp_path, api, BEMSOFT_RETRIES=3, BEMSOFT_BACKOFF=0.05)
+    api.fail_next(10, status=503)
+    try:
+        delivery = client.deliver(MINIMAL, "sol-1-abc")
+    finally:
+        client.close()
+    assert delivery.outcome == TRANSIENT and delivery.attempts == 4 and delivery.status == 503
+    times = [r["time"] for r in api.requests]
+    assert [r["key"] for r in api.requests] == ["sol-1-abc"] * 4
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    for gap, expected in zip(gaps, [0.05, 0.1, 0.2]):
+        assert gap >= expected * 0.9
+    assert gaps[2] > 2.5 * gaps[0]       # doubling, not a constant delay
+
+
+def test_client_does_not_retry_a_permanent_answer(tmp_path, api):
+    client = make_client(tmp_path, api, BEMSOFT_RETRIES=3, BEMSOFT_BACKOFF=0.01)
+    api.fail_next(1, status=400, body={"errors": ["x"]})
+    try:
+        delivery = client.deliver(MINIMAL, "sol-1-abc")
+    finally:
+        client.close()
+    assert (delivery.outcome, delivery.status, delivery.attempts) == (PERMANENT, 400, 1)
+    assert len(api.requests) == 1
+
+
+def test_client_retry_after_pauses_the_shared_gate(tmp_path, api):
+    client = make_client(tmp_path, api, BEMSOFT_RETRIES=2, BEMSOFT_BACKOFF=0.01)
+    api.fail_next(3, status=503, retry_after="0.15")
+    try:
+        delivery = client.deliver(MINIMAL, "sol-1-abc")
+    finally:
+        client.close()
+    assert delivery.outcome == TRANSIENT and delivery.attempts == 3
+    times = [r["time"] for r in api.requests]
+    assert times[1] - times[0] >= 0.14 and times[2] - times[1] >= 0.14
+
+
+def test_client_stops_at_shutdown_without_posting(tmp_path, api):
+    client = make_client(tmp_path, api)
+    client.gate.shutdown.set()
+    try:
+        delivery = client.deliver(MINIMAL, "sol-1-abc")
+    finally:
+        client.close()
+    assert delivery.outcome == TRANSIENT and delivery.attempts == 0
+    assert api.requests == []
