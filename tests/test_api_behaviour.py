@@ -69,9 +69,9 @@ def fast_clocks(harness, monitor):
 # ---------------------------------------------------------------- §5.1: 201 with an error
 
 def test_201_with_an_error_body_from_a_too_long_external_id_is_a_failure(harness, tmp_path):
-    harness.api.max_external_id = 9           # the fake's length limit, lowered: "sol-12345" ok
+    harness.api.max_external_id = 11          # the fake's length limit, lowered: "order-12345" ok
     ok = harness.order(12345, ["GLI"])
-    bad = harness.order(1234567, ["HEMO"])    # "sol-1234567" is too long: 201 + error, not saved
+    bad = harness.order(1234567, ["HEMO"])    # "order-1234567" too long: 201 + error, not saved
     monitor = harness.monitor()
     monitor.step()
     [record] = failure_records(tmp_path)
@@ -360,6 +360,7 @@ def test_one_solicitation_failing_while_others_go_ends_in_failed_dir(harness, tm
     keys = [r["key"] for r in posts(harness.api)]
     assert keys.count(idempotency_key("1", stuck)) == 4      # same key on every attempt
 
+    monitor.skip_pause()
     monitor.run("drain")
     assert harness.checkpoint() == 50
     assert stored_once(harness.api, other)

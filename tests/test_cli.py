@@ -8,49 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
 
-from bemsoft_monitor.sampledata import create_legacy_schema
-from conftest import LAB, TOKEN, Harness
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run(*args, timeout=60, **kwargs):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BEMSOFT_", "DB_", "DATABASE_"))}
-    env["PYTHONUNBUFFERED"] = "1"
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env, **kwargs)
-
-
-@pytest.fixture
-def env_file(tmp_path, api):
-    db = tmp_path / "legado.db"
-    create_legacy_schema(sa.create_engine(f"sqlite:///{db}"))
-    path = tmp_path / "monitor.env"
-    path.write_text("\n".join([
-        f"DATABASE_URL=sqlite:///{db}",
-        f"TERCEIROS={LAB}",
-        f"BEMSOFT_BASE_URL={api.url}",
-        f"BEMSOFT_TOKEN={TOKEN}",
-        "BEMSOFT_DRY_RUN=0",
-        "BEMSOFT_RETRIES=0",
-        "START_FROM=0",
-        "POLL_SECONDS=0.2",
-        f"FAILED_DIR={tmp_path / 'failed'}",
-        f"LOG_FILE={tmp_path / 'logs' / 'monitor.log'}",
-    ]) + "\n", encoding="utf-8")
-    return path
-
-
-@pytest.fixture
-def legacy(env_file, api, settings_factory, tmp_path):
-    h = Harness(f"sqlite:///{tmp_path / 'legado.db'}", api, settings_factory)
-    yield h
-    h.close()
+from conftest import ROOT, TOKEN, run
 
 
 def test_help_lists_every_mode():

@@ -1,0 +1,361 @@
+"""Operations, driven as an operator would: retry_failed.py, the start/stop scripts, the
+single-instance lock, /metrics and /healthz, and the service definitions."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+import sqlalchemy as sa
+
+from bemsoft_monitor.lock import InstanceLock, advisory_key
+from conftest import ROOT, TOKEN, run
+
+
+def failure_files(tmp_path):
+    return sorted((tmp_path / "failed").glob("*.json"))
+
+
+def make_failures(legacy, env_file):
+    """Order 1 fails (no gender), order 2 has one unknown exam."""
+    legacy.order(1, ["GLI"], patient={"sexo": None})
+    legacy.order(2, ["TSH", "NOVO1"])
+    result = run("monitor_bemsoft.py", "--env-file", str(env_file), "--once")
+    assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------------ retry_failed.py
+def test_retry_dry_run_shows_payload_and_changes_nothing(env_file, legacy, api, tmp_path):
+    make_failures(legacy, env_file)
+    before = failure_files(tmp_path)
+    assert len(before) == 2
+    with open(env_file, "a", encoding="utf-8") as fh:
+        fh.write("DEFAULT_GENDER=F\n")
+    posts = len(api.requests)
+    result = run("retry_failed.py", "--env-file", str(env_file))
+    assert result.returncode == 1            # order 2's exam is still unknown
+    assert "[DRY-RUN]" in result.stdout and '"externalId": "sol-1"' in result.stdout
+    assert "NOVO1" in result.stdout
+    assert "Resumo: 2 arquivo(s); enviados 0, com erro 1, a enviar (dry-run) 1" in result.stdout
+    assert failure_files(tmp_path) == before
+    assert len(api.requests) == posts
+
+
+def test_retry_send_uses_current_settings_and_catalog_then_moves_files(env_file, legacy, api, tmp_path):
+    make_failures(legacy, env_file)
+    with open(env_file, "a", encoding="utf-8") as fh:
+        fh.write("DEFAULT_GENDER=F\n")                       # fixes order 1
+    api.set_catalog(api.catalog + [{"id": "NOVO1", "name": "NOVO", "specimen": {"id": "SORO", "name": "Soro"}}])
+    sent = tmp_path / "enviados"
+    result = run("retry_failed.py", "--env-file", str(env_file), "--send", "--move-ok", str(sent), "--verbose")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("[OK]") == 2
+    assert "Resumo: 2 arquivo(s); enviados 2" in result.stdout
+    assert failure_files(tmp_path) == []
+    assert len(list(sent.glob("*.json"))) == 2
+    assert TOKEN not in result.stdout + result.stderr
+    stored = api.stored_tests()
+    assert len(stored) == len(set(stored)) == 3                 # TSH, then GLI and NOVO1
+    # a second run finds nothing to send again
+    again = run("retry_failed.py", "--env-file", str(env_file), "--send", "--move-ok", str(sent))
+    assert "Resumo: 0 arquivo(s)" in again.stdout and len(api.stored_tests()) == 3
+
+
+def test_retry_after_body_error_uses_a_fresh_key(env_file, legacy, api, tmp_path):
+    legacy.order(1, ["GLI"])
+    api.fail_next(1, status=201, body={"error": "Não foi possível salvar os dados recebidos no lote sol-1."})
+    assert run("monitor_bemsoft.py", "--env-file", str(env_file), "--once").returncode == 0
+    record = json.loads(failure_files(tmp_path)[0].read_text(encoding="utf-8"))
+    assert record["http_status"] == 201
+    result = run("retry_failed.py", "--env-file", str(env_file), "--send")
+    assert result.returncode == 0, result.stdout
+    keys = [r["key"] for r in api.requests if r.get("body") and "batch" in r["body"]]
+    assert keys[-1].startswith(record["idempotency_key"] + "-r") and keys[-1] != record["idempotency_key"]
+    assert api.stored_tests() == [f"item-{record['item_ids'][0]}"]
+    assert (tmp_path / "sent").is_dir() and len(list((tmp_path / "sent").glob("*.json"))) == 1
+
+
+def test_retry_after_transient_give_up_keeps_the_key_so_the_server_dedupes(env_file, legacy, api, tmp_path):
+    from bemsoft_monitor.failures import FailureRecord, FailureStore
+    from bemsoft_monitor.payload import idempotency_key
+    ids = legacy.order(1, ["GLI"])
+    assert run("monitor_bemsoft.py", "--env-file", str(env_file), "--once").returncode == 0
+    key = idempotency_key("1", ids)
+    # the same items written as a give-up after timeouts: the server may already have them
+    event = {"cod_solicitacao": "1", "solicitacao": {"codsolicitacao": 1, "codpaciente": 101,
+             "dtaentrada": "2026-11-27T00:00:00", "Hora": "08:30"},
+             "paciente": {"codpaciente": 101, "nome": "Paciente 1", "cpf": None,
+                          "datanasc": "1980-01-02", "sexo": "F"},
+             "items": [{"CodItemSol": ids[0], "CodSolicitacao": 1, "CodConvExames": "GLI",
+                        "DataEntrada": "2026-11-27T08:31:00", "DescExames": "GLI", "Origem": "A"}]}
+    FailureStore(tmp_path / "failed").write(FailureRecord(
+        reason="timeout", key=key, cod="1", item_ids=ids, event=event, http_status=None, attempts=5))
+    result = run("retry_failed.py", "--env-file", str(env_file), "--send")
+    assert result.returncode == 0, result.stdout
+    assert "409" in result.stdout
+    assert api.stored_tests() == [f"item-{ids[0]}"]
+
+
+def test_retry_reports_unreadable_files_and_leaves_them(env_file, tmp_path):
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "20260101T000000Z_1_x.json").write_text("{ isto não é json", encoding="utf-8")
+    (failed / "20260101T000001Z_2_y.json").write_text('{"event": {"items": []}}', encoding="utf-8")
+    result = run("retry_failed.py", "--env-file", str(env_file), "--send")
+    assert result.returncode == 1
+    assert result.stdout.count("arquivo ilegível, deixado no lugar") == 2
+    assert len(list(failed.glob("*.json"))) == 2
+    assert "Traceback" not in result.stderr
+
+
+def test_retry_limit_and_single_file(env_file, legacy, tmp_path):
+    make_failures(legacy, env_file)
+    result = run("retry_failed.py", "--env-file", str(env_file), "--limit", "1")
+    assert "Resumo: 1 arquivo(s)" in result.stdout
+    one = failure_files(tmp_path)[1]
+    result = run("retry_failed.py", "--env-file", str(env_file), "--file", str(one))
+    assert result.stdout.count(one.name) == 1 and "Resumo: 1 arquivo(s)" in result.stdout
+
+
+def test_a_claimed_file_is_not_sent_by_another_replay(env_file, legacy, api, tmp_path):
+    from bemsoft_monitor.replay import claim, release_stale_claims
+    make_failures(legacy, env_file)
+    with open(env_file, "a", encoding="utf-8") as fh:
+        fh.write("DEFAULT_GENDER=F\n")
+    target = failure_files(tmp_path)[0]
+    # another live process holds the claim (our own pid stands for it)
+    claimed = claim(target)
+    result = run("retry_failed.py", "--env-file", str(env_file), "--send", "--file", str(target))
+    assert "arquivo não encontrado" in result.stdout
+    # a claim whose process died is given back
+    dead = claimed.with_name(claimed.name.rsplit("-", 1)[0] + "-999999")
+    claimed.rename(dead)
+    assert release_stale_claims(tmp_path / "failed") == [target]
+    assert target.exists()
+
+
+def test_concurrent_replays_send_each_file_once(env_file, legacy, api, tmp_path):
+    for cod in range(1, 9):
+        legacy.order(cod, ["GLI"], patient={"sexo": None})
+    assert run("monitor_bemsoft.py", "--env-file", str(env_file), "--once").returncode == 0
+    assert len(failure_files(tmp_path)) == 8
+    with open(env_file, "a", encoding="utf-8") as fh:
+        fh.write("DEFAULT_GENDER=M\n")
+    api.set_latency(0.05)
+    procs = [subprocess.Popen([sys.executable, "retry_failed.py", "--env-file", str(env_file), "--send"],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+    assert sum(o.count("[OK]") for o in outs) == 8
+    stored = api.stored_tests()
+    assert len(stored) == len(set(stored)) == 8
+
+
+# ------------------------------------------------------------------ scripts
+@pytest.fixture
+def script_env(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BEMSOFT_", "DB_"))}
+    env.update(MONITOR_RUN_DIR=str(tmp_path / "run"), MONITOR_LOG_DIR=str(tmp_path / "logs"),
+               PYTHON=sys.executable, START_CHECK_SECONDS="1", STOP_TIMEOUT="30")
+    return env
+
+
+def sh(script, *args, env):
+    return subprocess.run(["bash", str(ROOT / "scripts" / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=90)
+
+
+def test_start_and_stop_monitor_scripts(env_file, legacy, api, tmp_path, script_env):
+    legacy.order(1, ["GLI"])
+    started = sh("start_monitor.sh", "--env-file", str(env_file), env=script_env)
+    assert started.returncode == 0, started.stdout + started.stderr
+    pid = int((tmp_path / "run" / "monitor.pid").read_text())
+    second = sh("start_monitor.sh", "--env-file", str(env_file), env=script_env)
+    assert second.returncode == 1 and f"já está rodando (pid {pid})" in second.stderr
+    deadline = time.monotonic() + 20
+    while not api.stored_tests() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stopped = sh("stop_monitor.sh", env=script_env)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert "monitor parado." in stopped.stdout
+    assert not (tmp_path / "run" / "monitor.pid").exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    log = (tmp_path / "logs" / "monitor.out").read_text(encoding="utf-8")
+    assert "Monitor encerrado: 1 solicitações entregues" in log      # graceful exit
+    assert sh("stop_monitor.sh", env=script_env).stdout.strip() == "monitor não está rodando."
+
+
+def test_start_and_stop_retry_scripts(env_file, legacy, api, tmp_path, script_env):
+    make_failures(legacy, env_file)
+    with open(env_file, "a", encoding="utf-8") as fh:
+        fh.write("DEFAULT_GENDER=F\n")
+    script_env["RETRY_INTERVAL"] = "0.5"
+    started = sh("start_retry.sh", str(tmp_path / "failed"), "--env-file", str(env_file), env=script_env)
+    assert started.returncode == 0, started.stdout + started.stderr
+    deadline = time.monotonic() + 20
+    while len(failure_files(tmp_path)) > 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stopped = sh("stop_retry.sh", env=script_env)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert len(failure_files(tmp_path)) == 1        # the unknown exam is still there
+    out = (tmp_path / "logs" / "retry.out").read_text(encoding="utf-8")
+    assert "[OK]" in out and "Resumo:" in out
+
+
+def test_start_script_reports_an_immediate_failure(tmp_path, script_env):
+    bad = tmp_path / "bad.env"
+    bad.write_text("POLL_SECONDS=abc\n", encoding="utf-8")
+    result = sh("start_monitor.sh", "--env-file", str(bad), env=script_env)
+    assert result.returncode == 1
+    assert "terminou logo ao iniciar" in result.stderr and "Configuração inválida" in result.stderr
+    assert not (tmp_path / "run" / "monitor.pid").exists()
+
+
+def test_stop_file_stops_the_monitor_gracefully(env_file, legacy, tmp_path):
+    stop = tmp_path / "monitor.stop"
+    proc = subprocess.Popen([sys.executable, "monitor_bemsoft.py", "--env-file", str(env_file),
+                             "--stop-file", str(stop)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    stop.write_text("stop")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Arquivo de parada" in err and "Monitor encerrado" in err
+    assert not stop.exists()
+
+
+# ------------------------------------------------------------------ single instance
+def test_second_monitor_on_the_same_sqlite_database_does_not_send(env_file, legacy, api, tmp_path):
+    legacy.order(1, ["GLI"])
+    first = subprocess.Popen([sys.executable, "monitor_bemsoft.py", "--env-file", str(env_file)],
+                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not api.stored_tests() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        result = run("monitor_bemsoft.py", "--env-file", str(env_file), "--once")
+        assert result.returncode == 4
+        assert "Outro monitor 'bemsoft' já está ativo" in result.stderr
+    finally:
+        first.terminate()
+        first.communicate(timeout=30)
+    # once the first one stopped, a new one may run
+    assert run("monitor_bemsoft.py", "--env-file", str(env_file), "--once").returncode == 0
+
+
+def test_standby_monitor_takes_over_when_the_first_stops(env_file, legacy, api, tmp_path):
+    from bemsoft_monitor.cli import wait_for_lock
+    from bemsoft_monitor.db import create_db_engine
+    engine = create_db_engine(legacy.settings_factory(legacy.url))
+    holder = InstanceLock(engine, "bemsoft")
+    assert holder.acquire()
+    standby = InstanceLock(engine, "bemsoft")
+    shutdown = threading.Event()
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault(
+        "got", wait_for_lock(standby, "loop", shutdown, retry_every=0.1)))
+    thread.start()
+    time.sleep(0.3)
+    assert "got" not in outcome
+    holder.release()
+    thread.join(5)
+    assert outcome["got"] is True
+    standby.release()
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_advisory_lock_is_exclusive_and_survives_a_killed_connection(pg_url):
+    one, two = sa.create_engine(pg_url), sa.create_engine(pg_url)
+    first, second = InstanceLock(one, "bemsoft"), InstanceLock(two, "bemsoft")
+    assert first.acquire() and not second.acquire()
+    assert InstanceLock(two, "outro-nome").acquire()        # other MONITOR_NAME: independent
+    # the lock's connection is killed (database restart, DBA): verify() takes it back
+    with two.connect() as conn:
+        conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_locks "
+                             "WHERE locktype = 'advisory' AND objid = :lo"),
+                     {"lo": advisory_key("bemsoft") & 0xFFFFFFFF})
+    first._checked_at = -1e9
+    assert first.verify() is True
+    assert not second.acquire()
+    first.release()
+    assert second.acquire()
+    second.release()
+    one.dispose()
+    two.dispose()
+
+
+def test_sql_server_lock_uses_sp_getapplock():
+    from bemsoft_monitor.lock import MSSQL_GETAPPLOCK
+    text = str(MSSQL_GETAPPLOCK)
+    assert "sp_getapplock @Resource = :resource, @LockMode = 'Exclusive'" in text
+    assert "@LockOwner = 'Session', @LockTimeout = 0" in text
+
+
+# ------------------------------------------------------------------ visibility
+def test_metrics_and_healthz(harness):
+    from bemsoft_monitor.metrics import start_metrics_server
+    harness.order(1, ["GLI", "TSH"])
+    monitor = harness.monitor()
+    server = start_metrics_server(monitor, 0, max_age=60)
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(base + "/healthz", timeout=5)
+        assert err.value.code == 503                    # no cycle completed yet
+        monitor.step()
+        with urllib.request.urlopen(base + "/healthz", timeout=5) as resp:
+            assert resp.status == 200 and json.load(resp)["status"] == "ok"
+        with urllib.request.urlopen(base + "/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        assert "bemsoft_delivered_total 1.0" in text
+        assert "bemsoft_delivered_items_total 2.0" in text
+        assert "bemsoft_backlog_items 0.0" in text
+        assert "bemsoft_api_latency_seconds_count 1.0" in text
+        assert "bemsoft_last_success_timestamp_seconds" in text
+        monitor.last_cycle_at -= 120                    # the loop is stuck
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(base + "/healthz", timeout=5)
+        assert err.value.code == 503
+    finally:
+        server.shutdown()
+
+
+def test_token_never_in_logs_even_when_rejected(harness, caplog, tmp_path):
+    harness.order(1, ["GLI"])
+    monitor = harness.monitor(BEMSOFT_TOKEN="segredo-muito-secreto-42")
+    with caplog.at_level("DEBUG"):
+        monitor.step()
+    assert "segredo-muito-secreto-42" not in caplog.text
+    assert "BEMSOFT_TOKEN" in caplog.text          # the 401 says what to fix
+    for path in failure_files(tmp_path):
+        assert "segredo-muito-secreto-42" not in path.read_text(encoding="utf-8")
+
+
+# ------------------------------------------------------------------ services
+def test_systemd_unit_is_hardened_and_restarts_on_failure():
+    unit = (ROOT / "deploy" / "bemsoft-monitor.service").read_text(encoding="utf-8")
+    for line in ("Restart=on-failure", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                 "ReadWritePaths=/opt/bemsoft-monitor/completo", "KillSignal=SIGTERM",
+                 "RestartPreventExitStatus=2", "UMask=0077",
+                 "ExecStart=/opt/bemsoft-monitor/.venv/bin/python /opt/bemsoft-monitor/monitor_bemsoft.py"):
+        assert line in unit.splitlines()
+    if shutil.which("systemd-analyze"):
+        result = subprocess.run(["systemd-analyze", "verify", str(ROOT / "deploy" / "bemsoft-monitor.service")],
+                                capture_output=True, text=True)
+        assert "Unknown key" not in result.stderr and "Unknown section" not in result.stderr
+
+
+def test_nssm_scripts_set_console_stop_rotation_and_directory():
+    install = (ROOT / "scripts" / "install_service_nssm.bat").read_text(encoding="utf-8")
+    for setting in ("AppDirectory", "AppStdout", "AppStderr", "AppRotateFiles 1",
+                    "AppStopMethodSkip 6", "AppStopMethodConsole", "AppExit 2 Exit"):
+        assert setting in install
+    assert "nssm remove" in (ROOT / "scripts" / "uninstall_service_nssm.bat").read_text(encoding="utf-8")
+    for name in ("start_monitor", "stop_monitor", "start_retry", "stop_retry"):
+        assert (ROOT / "scripts" / f"{name}.bat").exists() and (ROOT / "scripts" / f"{name}.sh").exists()
