@@ -11,6 +11,7 @@ from .catalog import Catalog, CatalogUnavailable
 from .client import ApiError, BemsoftClient
 from .config import ConfigError, Settings
 from .failures import FailureFileError, FailureStore
+from .monitor import count_items
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,14 @@ def run_checks(settings: Settings, out=None) -> int:
             if checkpoint is None:
                 total = source.count_backlog(0)
                 start = settings.start_from
-                msg = (f"Sem checkpoint ainda (primeira execução): {total} itens de apoio no banco; "
+                msg = (f"Sem checkpoint ainda (primeira execução): {count_items(total)} de apoio no banco; "
                        + (f"START_FROM={start}" if start is not None else
                           "defina START_FROM (latest, 0 ou um CodItemSol) antes de iniciar"))
                 _line(True if start is not None else False, msg, out)
                 problems += start is None
             else:
-                _line(True, f"Checkpoint {checkpoint}; backlog: {source.count_backlog(checkpoint)} itens", out)
+                _line(True, f"Checkpoint {checkpoint}; backlog: "
+                            f"{count_items(source.count_backlog(checkpoint))}", out)
         except Exception as err:  # report, do not crash the check
             _line(False, f"Não foi possível ler as tabelas do legado: {err}", out)
             problems += 1
@@ -119,10 +121,10 @@ def print_status(settings: Settings, out=None) -> int:
             checkpoint, last = None, None
         if checkpoint is None:
             print(f"Checkpoint: nenhum (o monitor '{settings.monitor_name}' ainda não rodou)", file=out)
-            print(f"Backlog: {source.count_backlog(0)} itens de apoio no banco", file=out)
+            print(f"Backlog: {count_items(source.count_backlog(0))} de apoio no banco", file=out)
         else:
             print(f"Checkpoint: {checkpoint}", file=out)
-            print(f"Backlog: {source.count_backlog(checkpoint)} itens além do checkpoint", file=out)
+            print(f"Backlog: {count_items(source.count_backlog(checkpoint))} além do checkpoint", file=out)
         if last is not None:
             when = last.replace(tzinfo=dt.timezone.utc).astimezone(settings.tz)
             print(f"Última entrega: {when:%Y-%m-%d %H:%M:%S %z}", file=out)

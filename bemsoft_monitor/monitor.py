@@ -128,8 +128,9 @@ class Monitor:
         if checkpoint is None:
             checkpoint = self._first_checkpoint()
         else:
-            log.info("Checkpoint %s: último CodItemSol processado = %d; %d itens aguardando.",
-                     self.settings.monitor_name, checkpoint, self.source.count_backlog(checkpoint))
+            log.info("Checkpoint %s: último CodItemSol processado = %d; %s aguardando.",
+                     self.settings.monitor_name, checkpoint,
+                     count_items(self.source.count_backlog(checkpoint)))
         self.checkpoint = checkpoint
         # items recorded above the checkpoint (it was held back by an unresolved one)
         self.high_water = max(checkpoint, self.source.max_recorded_id() if has_state else 0)
@@ -146,14 +147,14 @@ class Monitor:
         if start_from is None:
             raise StartError(
                 f"Primeira execução (nenhum checkpoint '{self.settings.monitor_name}' em "
-                f"_MonitorState) e START_FROM não definido: há {total} itens de apoio no banco. "
+                f"_MonitorState) e START_FROM não definido: há {count_items(total)} de apoio no banco. "
                 "Defina START_FROM=latest para enviar só o que entrar daqui em diante, "
                 "START_FROM=0 para enviar todo o histórico, ou START_FROM=<CodItemSol>.")
         checkpoint = self.source.max_item_id() if start_from == "latest" else int(start_from)
         waiting = self.source.count_backlog(checkpoint)
         log.info("Primeira execução: START_FROM=%s, começando após CodItemSol %d; "
-                 "%d itens aguardando envio (%d anteriores ignorados).",
-                 start_from, checkpoint, waiting, total - waiting)
+                 "%s aguardando envio (%d anteriores ignorados).",
+                 start_from, checkpoint, count_items(waiting), total - waiting)
         if not self.dry_run:
             self.source.save_checkpoint(checkpoint)
         return checkpoint
@@ -340,8 +341,8 @@ class Monitor:
             self.stats.last_delivery = time.time()
             if delivery.outcome == DUPLICATE:
                 self.stats.duplicates += 1
-            log.info("Solicitação %s entregue: %d itens, HTTP %s, chave %s, %.0f ms%s.",
-                     job.cod, len(job.item_ids), delivery.status, job.key,
+            log.info("Solicitação %s entregue: %s, HTTP %s, chave %s, %.0f ms%s.",
+                     job.cod, count_items(len(job.item_ids)), delivery.status, job.key,
                      delivery.duration * 1000,
                      " (já recebida antes: 409)" if delivery.outcome == DUPLICATE else "")
             return
@@ -392,8 +393,10 @@ class Monitor:
         self.stats.failed += 1
         self.stats.failed_items += len(job.item_ids)
         self.stats.reasons[record.reason.split(":")[0][:80]] += 1
-        log.error("Solicitação %s falhou: %d itens, HTTP %s, chave %s: %s. Arquivo: %s",
-                  job.cod, len(job.item_ids), record.http_status, job.key, record.reason, path)
+        took = f", {job.delivery.duration * 1000:.0f} ms" if job.delivery else ""
+        log.error("Solicitação %s falhou: %s, HTTP %s, chave %s%s: %s. Arquivo: %s",
+                  job.cod, count_items(len(job.item_ids)), record.http_status, job.key, took,
+                  record.reason, path)
 
     def _forget(self, key: str) -> None:
         self._attempts.pop(key, None)
@@ -468,6 +471,10 @@ class Monitor:
                 wait = min(wait, max(0.2, self.settings.debounce_seconds / 4))
             self.gate.sleep(wait)
         return 0
+
+
+def count_items(n: int) -> str:
+    return "1 item" if n == 1 else f"{n} itens"
 
 
 def group_rows(rows: list[ItemRow]) -> list[Group]:

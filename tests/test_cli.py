@@ -85,7 +85,7 @@ def test_check_reports_each_check(env_file, legacy):
     result = run("monitor_bemsoft.py", "--env-file", str(env_file), "--check")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[OK]   Banco de dados acessível (sqlite)" in result.stdout
-    assert "1 itens de apoio no banco; START_FROM=0" in result.stdout
+    assert "1 item de apoio no banco; START_FROM=0" in result.stdout
     assert "[OK]   Catálogo /tests carregado com o token" in result.stdout
 
 
@@ -109,7 +109,7 @@ def test_status_shows_checkpoint_backlog_and_failures(env_file, legacy):
     result = run("monitor_bemsoft.py", "--env-file", str(env_file), "--status")
     assert result.returncode == 0, result.stderr
     assert "Checkpoint: 2" in result.stdout
-    assert "Backlog: 1 itens além do checkpoint" in result.stdout
+    assert "Backlog: 1 item além do checkpoint" in result.stdout
     assert "Última entrega: 20" in result.stdout
     assert "Falhas em" in result.stdout and ": 1 arquivo(s)" in result.stdout
 
@@ -120,7 +120,7 @@ def test_first_start_without_start_from_stops_with_a_clear_message(env_file, leg
                         encoding="utf-8")
     result = run("monitor_bemsoft.py", "--env-file", str(env_file), "--once")
     assert result.returncode == 2
-    assert "START_FROM" in result.stderr and "há 1 itens" in result.stderr
+    assert "START_FROM" in result.stderr and "há 1 item" in result.stderr
     assert "Traceback" not in result.stderr
 
 

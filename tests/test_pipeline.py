@@ -196,7 +196,7 @@ def test_dry_run_with_token_uses_the_real_catalog(harness):
 def test_first_start_needs_start_from_and_says_how_many_are_waiting(harness):
     harness.order(1, ["GLI", "HEMO"])
     monitor = harness.monitor(START_FROM="")
-    with pytest.raises(StartError, match="START_FROM.*há 2 itens"):
+    with pytest.raises(StartError, match="START_FROM.*há 2 itens de apoio"):
         monitor.start()
 
 
