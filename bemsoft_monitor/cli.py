@@ -71,7 +71,9 @@ def main(argv=None) -> int:
 
 def run_monitor(settings: Settings, mode: str, stop_file: str | None = None) -> int:
     from .app import build_monitor, install_signal_handlers, watch_stop_file
-    from .db import DatabaseUnavailable, connect_check
+    from sqlalchemy.exc import DBAPIError
+
+    from .db import DatabaseUnavailable, connect_check, describe_connect_error
     from .lock import InstanceLock
     from .monitor import StartError
 
@@ -105,6 +107,9 @@ def run_monitor(settings: Settings, mode: str, stop_file: str | None = None) -> 
         code = monitor.run(mode)
     except DatabaseUnavailable as err:
         log.error("%s", err)
+        return 3
+    except DBAPIError as err:  # --once: the database failed mid-cycle; nothing was lost
+        log.error("Banco de dados falhou durante o ciclo: %s", describe_connect_error(err, settings))
         return 3
     except StartError as err:
         log.error("%s", err)

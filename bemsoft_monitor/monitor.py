@@ -443,7 +443,7 @@ class Monitor:
     def run(self, mode: str = "loop") -> int:
         """mode: "loop" (until shutdown), "once" (what is eligible now), "drain" (until
         nothing is left). Returns the process exit code."""
-        db_backoff = 1.0
+        backoff = 1.0
         while not self.shutdown.is_set():
             try:
                 result = self.step()
@@ -454,13 +454,22 @@ class Monitor:
                     log.error("Banco de dados indisponível (%s). Tentando reconectar; nada é "
                               "enviado nem perdido enquanto isso.", _short(err))
                     self._db_down = True
-                self.gate.sleep(db_backoff)
-                db_backoff = min(db_backoff * 2, 60.0)
+                self.gate.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
+                continue
+            except Exception:
+                if mode == "once":
+                    raise
+                # a bug must not stop deliveries for good: nothing was recorded for the page,
+                # so the next cycle takes it up again
+                log.exception("Erro inesperado no ciclo; nova tentativa em %.0f s.", backoff)
+                self.gate.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
                 continue
             if self._db_down:
                 log.info("Conexão com o banco de dados restabelecida.")
                 self._db_down = False
-            db_backoff = 1.0
+            backoff = 1.0
             if result.more:
                 continue
             idle = not result.ready and not result.held and self.gate.remaining() <= 0
