@@ -51,6 +51,8 @@ def setup_logging(settings: Settings, *, stream=None, to_file: bool = True) -> N
             file_handler._bemsoft = True
             root.addHandler(file_handler)
     logging.getLogger("urllib3").setLevel(max(logging.WARNING, root.level))
+    for note in settings.notes:
+        logging.getLogger("bemsoft_monitor.config").warning("%s", note)
 
 
 def make_client(settings: Settings, shutdown: threading.Event | None = None) -> BemsoftClient | None:

@@ -50,6 +50,10 @@ class Catalog:
             log.warning("Falha ao atualizar o catálogo /tests (%s); mantendo o cache com %d exames.",
                         err, len(self._by_id))
             return False
+        if not by_id and self._by_id:
+            log.warning("GET /tests devolveu um catálogo vazio; mantendo o cache com %d exames.",
+                        len(self._by_id))
+            return False
         self._by_id, self._loaded_at = by_id, self._clock()
         log.info("Catálogo /tests carregado: %d exames.", len(by_id))
         return True
@@ -71,7 +75,9 @@ class Catalog:
             if specimens is None and (self._last_attempt is None or
                                       self._clock() - self._last_attempt >= self.miss_refresh_interval):
                 log.info("Exame %s fora do catálogo em cache; atualizando /tests uma vez.", test_id)
-                self.refresh()
+                if not self.refresh():
+                    # not checked against a fresh catalog: try again later, do not reject
+                    raise CatalogUnavailable(f"não foi possível atualizar /tests para procurar {test_id}")
                 specimens = self._by_id.get(test_id)
             if not specimens:
                 raise ItemRejected(

@@ -41,6 +41,7 @@ class Delivery:
     reason: str
     body: str = ""
     duration: float = 0.0
+    retry_after: float | None = None   # the server's Retry-After on the last answer
 
     @property
     def ok(self) -> bool:
@@ -153,7 +154,8 @@ class BemsoftClient:
                 outcome, reason = classify(status, data)
             reason, text = self.redact(reason), self.redact(text)
             if outcome != TRANSIENT or attempt > self.policy.retries:
-                return Delivery(outcome, status, attempt, reason, text, time.monotonic() - started)
+                return Delivery(outcome, status, attempt, reason, text, time.monotonic() - started,
+                                retry_after)
             delay = self.policy.delay(attempt, retry_after)
             log.warning("Solicitação %s: tentativa %d falhou (%s); nova tentativa em %.1f s.",
                         key, attempt, reason, delay)

@@ -7,8 +7,10 @@ that names the key and what is expected.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -69,7 +71,7 @@ class Physician:
 @dataclass(frozen=True)
 class Settings:
     # database
-    database_url: str | None = None
+    database_url: str | None = field(default=None, repr=False)  # may hold a password
     db_server: str = ""
     db_name: str = ""
     db_user: str = ""
@@ -114,6 +116,7 @@ class Settings:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     health_max_age: float = 300.0
+    notes: tuple[str, ...] = ()  # warnings to log once logging is set up
 
     @property
     def tz(self) -> ZoneInfo:
@@ -162,17 +165,18 @@ class _Reader:
         raise ConfigError(key, f"deve ser 1 ou 0 (recebido: {raw!r})")
 
     def number(self, key: str, default: float, *, minimum: float = 0.0,
-               integer: bool = False) -> float:
+               maximum: float = 1e6, integer: bool = False) -> float:
         raw = self.str(key)
         if raw is None:
             return default
         kind = "um número inteiro" if integer else "um número"
+        expected = f"deve ser {kind} de {minimum:g} a {maximum:g} (recebido: {raw!r})"
         try:
             value = int(raw) if integer else float(raw.replace(",", "."))
         except ValueError:
-            raise ConfigError(key, f"deve ser {kind} >= {minimum:g} (recebido: {raw!r})") from None
-        if value < minimum or value != value:  # NaN guard
-            raise ConfigError(key, f"deve ser {kind} >= {minimum:g} (recebido: {raw!r})")
+            raise ConfigError(key, expected) from None
+        if not math.isfinite(value) or not minimum <= value <= maximum:
+            raise ConfigError(key, expected)
         return value
 
     def path(self, key: str, default: Path | None) -> Path | None:
@@ -192,12 +196,25 @@ def load_settings(env_file: str | os.PathLike | None = None,
     if env_file and not path.is_file():
         raise ConfigError("--env-file", f"aponta para um arquivo que não existe: {path}")
     if path.is_file():
-        values.update(dotenv_values(path, encoding="utf-8"))
+        values.update(dotenv_values(stream=io.StringIO(read_env_text(path))))
     env = os.environ if environ is None else environ
     for key in KNOWN_KEYS:
         if key in env:
             values[key] = env[key]
     return parse_settings(values, base_dir=path.resolve().parent if path.is_file() else PROJECT_DIR)
+
+
+def read_env_text(path: Path) -> str:
+    """UTF-8 (with or without BOM, as Notepad saves it); a file saved as "ANSI"
+    (Windows-1252) is accepted too."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError("--env-file", f"não pôde ser lido ({path}): {err}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="replace")
 
 
 def parse_settings(values: Mapping[str, str | None], base_dir: Path = PROJECT_DIR) -> Settings:
@@ -270,9 +287,10 @@ def parse_settings(values: Mapping[str, str | None], base_dir: Path = PROJECT_DI
     physician_values = [r.str(k) for k in ("PHYSICIAN_NAME", "PHYSICIAN_COUNCIL",
                                            "PHYSICIAN_NUMBER", "PHYSICIAN_UF")]
     physician = Physician(*physician_values) if all(physician_values) else None
+    notes = []
     if any(physician_values) and physician is None:
-        log.warning("Médico não será enviado: preencha PHYSICIAN_NAME, PHYSICIAN_COUNCIL, "
-                    "PHYSICIAN_NUMBER e PHYSICIAN_UF (todos) para incluí-lo no pedido.")
+        notes.append("Médico não será enviado: preencha PHYSICIAN_NAME, PHYSICIAN_COUNCIL, "
+                     "PHYSICIAN_NUMBER e PHYSICIAN_UF (todos) para incluí-lo no pedido.")
 
     test_map_path = r.path("BEMSOFT_TEST_MAP_PATH", None)
     test_map = load_test_map(test_map_path) if test_map_path else {}
@@ -290,13 +308,10 @@ def parse_settings(values: Mapping[str, str | None], base_dir: Path = PROJECT_DI
 
     metrics_port = r.str("METRICS_PORT")
     if metrics_port is not None:
-        metrics_port = int(r.number("METRICS_PORT", 0, minimum=1, integer=True))
-        if metrics_port > 65535:
-            raise ConfigError("METRICS_PORT", f"deve ser uma porta de 1 a 65535 (recebido: {metrics_port})")
+        metrics_port = int(r.number("METRICS_PORT", 0, minimum=1, maximum=65535, integer=True))
 
-    batch_size = int(r.number("BATCH_SIZE", 500, minimum=1, integer=True))
-    if batch_size > 2000:  # SQL Server accepts at most 2100 parameters in one statement
-        raise ConfigError("BATCH_SIZE", f"deve ser de 1 a 2000 (recebido: {batch_size})")
+    batch_size = int(r.number("BATCH_SIZE", 500, minimum=1, maximum=2000, integer=True))
+    # at most 2000: SQL Server takes at most 2100 parameters in one statement
 
     monitor_name = r.str("MONITOR_NAME", "bemsoft")
     if len(monitor_name) > 90:
@@ -311,10 +326,10 @@ def parse_settings(values: Mapping[str, str | None], base_dir: Path = PROJECT_DI
         odbc_driver=r.str("ODBC_DRIVER", "ODBC Driver 18 for SQL Server"),
         db_encrypt=r.bool("DB_ENCRYPT", True),
         db_trust_cert=r.bool("DB_TRUST_CERT", False),
-        db_login_timeout=int(r.number("DB_LOGIN_TIMEOUT", 15, minimum=1, integer=True)),
+        db_login_timeout=int(r.number("DB_LOGIN_TIMEOUT", 15, minimum=1, maximum=300, integer=True)),
         terceiros=terceiros,
-        poll_seconds=r.number("POLL_SECONDS", 5.0, minimum=0.1),
-        debounce_seconds=r.number("DEBOUNCE_SECONDS", 0.0),
+        poll_seconds=r.number("POLL_SECONDS", 5.0, minimum=0.1, maximum=3600),
+        debounce_seconds=r.number("DEBOUNCE_SECONDS", 0.0, maximum=86400),
         start_from=start_from,
         lookback_items=int(r.number("LOOKBACK_ITEMS", 1000, integer=True)),
         batch_size=batch_size,
@@ -324,15 +339,15 @@ def parse_settings(values: Mapping[str, str | None], base_dir: Path = PROJECT_DI
         base_url=base_url,
         endpoint=endpoint,
         token=token,
-        timeout=r.number("BEMSOFT_TIMEOUT", 30.0, minimum=0.1),
-        retries=int(r.number("BEMSOFT_RETRIES", 3, integer=True)),
-        backoff=r.number("BEMSOFT_BACKOFF", 1.0),
-        max_backoff=r.number("BEMSOFT_MAX_BACKOFF", 300.0, minimum=1.0),
+        timeout=r.number("BEMSOFT_TIMEOUT", 30.0, minimum=0.1, maximum=600),
+        retries=int(r.number("BEMSOFT_RETRIES", 3, maximum=20, integer=True)),
+        backoff=r.number("BEMSOFT_BACKOFF", 1.0, maximum=3600),
+        max_backoff=r.number("BEMSOFT_MAX_BACKOFF", 300.0, minimum=1.0, maximum=86400),
         verify_tls=r.bool("BEMSOFT_VERIFY", True),
         dry_run=dry_run,
-        tests_ttl=r.number("BEMSOFT_TESTS_TTL", 3600.0, minimum=1.0),
-        max_attempts=int(r.number("BEMSOFT_MAX_ATTEMPTS", 5, minimum=1, integer=True)),
-        concurrency=int(r.number("BEMSOFT_CONCURRENCY", 4, minimum=1, integer=True)),
+        tests_ttl=r.number("BEMSOFT_TESTS_TTL", 3600.0, minimum=1.0, maximum=7 * 86400),
+        max_attempts=int(r.number("BEMSOFT_MAX_ATTEMPTS", 5, minimum=1, maximum=1000, integer=True)),
+        concurrency=int(r.number("BEMSOFT_CONCURRENCY", 4, minimum=1, maximum=64, integer=True)),
         test_map=test_map,
         test_map_path=test_map_path,
         default_gender=default_gender,
@@ -342,7 +357,8 @@ def parse_settings(values: Mapping[str, str | None], base_dir: Path = PROJECT_DI
         log_file=log_file,
         metrics_port=metrics_port,
         metrics_host=r.str("METRICS_HOST", "127.0.0.1"),
-        health_max_age=r.number("HEALTH_MAX_AGE", 300.0, minimum=1.0),
+        health_max_age=r.number("HEALTH_MAX_AGE", 300.0, minimum=1.0, maximum=7 * 86400),
+        notes=tuple(notes),
     )
 
 

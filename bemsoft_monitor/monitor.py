@@ -203,7 +203,8 @@ class Monitor:
             else:
                 self._dry_done.update(job.item_ids)
         if catalog_down or result.transient:
-            self._pause_after_failure(catalog_down)
+            retry_after = max((j.delivery.retry_after or 0.0 for j in jobs if j.delivery), default=0.0)
+            self._pause_after_failure(catalog_down, retry_after)
         else:
             self._failed_cycles = 0
         self._advance(page, outcomes, unresolved)
@@ -402,10 +403,11 @@ class Monitor:
         self._attempts.pop(key, None)
         self._first_failure.pop(key, None)
 
-    def _pause_after_failure(self, catalog_down: bool) -> None:
+    def _pause_after_failure(self, catalog_down: bool, retry_after: float = 0.0) -> None:
+        """Capped exponential pause for every sender; a server's Retry-After wins."""
         self._failed_cycles += 1
-        delay = min(self.settings.max_backoff,
-                    max(self.settings.backoff, 1.0) * 2 ** (self._failed_cycles - 1))
+        delay = max(self.settings.backoff, 1.0) * 2 ** (self._failed_cycles - 1)
+        delay = min(self.settings.max_backoff, max(delay, retry_after))
         self.gate.pause(delay)
         what = "catálogo /tests indisponível" if catalog_down else "API com falhas transitórias"
         log.warning("%s: envio pausado por %.0f s (ciclo %d com falha); nada foi descartado.",

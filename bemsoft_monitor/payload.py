@@ -82,7 +82,7 @@ def parse_datetime(value) -> dt.datetime | None:
             day = dt.datetime.strptime(head, fmt)
         except ValueError:
             continue
-        clock = parse_time(rest) if rest else dt.time()
+        clock = _clock(rest) if rest else dt.time()
         return _sane(dt.datetime.combine(day.date(), clock or dt.time()))
     return None
 
@@ -102,11 +102,17 @@ def parse_time(value) -> dt.time | None:
     if isinstance(value, dt.time):
         return value.replace(microsecond=0, tzinfo=None)
     text = str(value).strip()
+    clock = _clock(text)
+    if clock is None and ("T" in text or " " in text):  # datetime text (SQL Server 1900-01-01)
+        parsed = parse_datetime(text)
+        return parsed.time().replace(microsecond=0) if parsed else None
+    return clock
+
+
+def _clock(text: str) -> dt.time | None:
+    """`HH:MM` / `HH:MM:SS[.fff]` text only (no recursion into dates)."""
     match = _TIME_RE.match(text)
     if not match:
-        if "T" in text or " " in text:  # ISO datetime text
-            parsed = parse_datetime(text)
-            return parsed.time().replace(microsecond=0) if parsed else None
         return None
     hour, minute, second = int(match[1]), int(match[2]), int(match[3] or 0)
     if hour > 23 or minute > 59 or second > 59:

@@ -130,6 +130,10 @@ def replay_file(path: Path, settings: Settings, client: BemsoftClient | None, ca
             payload, item_ids, key = prepare(record, settings, catalog)
         except (TransformError, CatalogUnavailable) as err:
             return ReplayResult(path, FAILED, str(err), key=record.key)
+        except Exception as err:  # an odd stored value must not stop the other files
+            log.exception("Erro inesperado ao remontar %s", path.name)
+            return ReplayResult(path, FAILED, f"erro inesperado ao montar o pedido: {err!r}",
+                                key=record.key)
         if not send:
             return ReplayResult(path, WOULD_SEND, f"seria enviado com a chave {key} "
                                                   f"({len(item_ids)} itens)", key, payload)

@@ -241,12 +241,6 @@ def test_429_retry_after_pauses_every_sender(harness, tmp_path):
     assert harness.checkpoint() == max(ids)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: BemsoftClient.deliver (client.py, `if outcome != TRANSIENT or attempt > "
-    "self.policy.retries: return ...`) returns before looking at Retry-After on the last "
-    "attempt, and Monitor._pause_after_failure pauses only max(BEMSOFT_BACKOFF, 1) * 2**n s; "
-    "the server's Retry-After of the final 429/503 is dropped (never honoured at all with "
-    "BEMSOFT_RETRIES=0)"))
 @pytest.mark.parametrize("status", [429, 503])
 def test_retry_after_of_the_last_attempt_is_honoured_by_the_next_cycle(harness, tmp_path, status):
     ids = harness.order(1, ["GLI"])
