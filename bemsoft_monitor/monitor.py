@@ -63,12 +63,23 @@ class Job:
 
 
 @dataclass
+class Batch:
+    """The jobs of one page handed to the senders."""
+    jobs: list[Job]
+    futures: list = field(default_factory=list)
+
+    def done(self) -> bool:
+        return all(f.done() for f in self.futures)
+
+
+@dataclass
 class CycleResult:
     ready: int = 0
     held: int = 0
     sent: int = 0
     transient: int = 0
     more: bool = False
+    settled: list = field(default_factory=list)
 
 
 @dataclass
@@ -112,6 +123,14 @@ class Monitor:
         self._last_success: float | None = None
         self._failed_cycles = 0
         self._dry_done: set[int] = set()
+        # pipeline: pages whose jobs are still being sent, and what the checkpoint must wait for
+        self._inflight: collections.deque[Batch] = collections.deque()
+        self._inflight_ids: set[int] = set()
+        self._waiting: set[int] = set()       # read, not in flight, no outcome yet
+        self._unrecorded: list[Outcome] = []  # outcomes not yet written to the database
+        self._cursor: int | None = None       # continue paging here; None: from the window
+        self._bound: int | None = None        # highest id up to which every unknown was read
+        self._halt = threading.Event()        # a transient failure: send nothing more now
         self._db_down = False
         self.lock = None          # InstanceLock, set by the CLI (single instance)
         self._lock_lost = False
@@ -169,49 +188,81 @@ class Monitor:
             return self.checkpoint
         return max(self.floor, self.checkpoint - self.settings.lookback_items)
 
+    MAX_PAGES_IN_FLIGHT = 2
+
     def step(self) -> CycleResult:
-        """Process one page. `result.more` says whether more work may be waiting now."""
+        """One unit of work: collect finished sends, read and dispatch one page, record
+        outcomes and move the checkpoint. While catching up (full pages) the next page is
+        read while the previous one is still being sent; otherwise the step waits for its
+        sends, so one step delivers what was ready. `result.more`: more work now."""
         result = CycleResult()
         if self.checkpoint is None:
             self.start()
-        if self.gate.remaining() > 0 or not self._lock_ok():
-            return result
-        page = self.source.read_page(self.window_low(), self.settings.batch_size,
-                                     with_state=not self.dry_run)
-        rows = [r for r in page.rows if r.item_id not in self._dry_done]
-        groups = group_rows(rows)
+        self._harvest(result, wait="oldest" if len(self._inflight) >= self.MAX_PAGES_IN_FLIGHT else "none")
+        if self._unrecorded:
+            self._advance()  # recorded before reading, so the read does not see them as "sending"
+        page, catalog_down = None, False
+        can_read = (len(self._inflight) < self.MAX_PAGES_IN_FLIGHT and not self.shutdown.is_set()
+                    and self.gate.remaining() <= 0 and self._lock_ok())
+        if can_read:
+            self._halt.clear()
+            page, catalog_down = self._read_and_dispatch(result)
+        catching_up = page is not None and page.full and result.ready > 0
+        if not catching_up or self._halt.is_set() or catalog_down:
+            self._harvest(result, wait="all")
+        if catalog_down or result.transient:
+            retry_after = max((j.delivery.retry_after or 0.0 for j in result.settled if j.delivery),
+                              default=0.0)
+            self._pause_after_failure(catalog_down, retry_after)
+            self._cursor = None  # after the pause, start again from the window
+        elif result.sent:
+            self._failed_cycles = 0
+        self._advance()
+        result.more = bool(self._inflight) or (catching_up and not (catalog_down or result.transient))
+        self.last_cycle_at = time.time()
+        return result
+
+    def finish(self) -> None:
+        """Wait for the sends in flight and record their outcomes (graceful stop)."""
+        result = CycleResult()
+        self._harvest(result, wait="all")
+        self._advance()
+
+    def _read_and_dispatch(self, result: CycleResult):
+        from_window = self._cursor is None
+        after = self.window_low() if from_window else self._cursor
+        page = self.source.read_page(after, self.settings.batch_size, with_state=not self.dry_run)
+        rows = [r for r in page.rows
+                if r.item_id not in self._inflight_ids and r.item_id not in self._dry_done]
+        seen = {r.item_id for r in rows}
+        if from_window and not page.full:
+            self._waiting = set()    # every unknown item above the window is in `rows`
+        else:
+            self._waiting -= seen    # re-evaluated below
+        # every unknown item up to here has now been read
+        if page.full:
+            self._bound = page.upper
+            self.high_water = max(self.high_water, page.upper)
+            self._cursor = page.upper
+        else:
+            self.high_water = max([self.high_water, self.checkpoint] + [r.item_id for r in page.rows])
+            self._bound = self.high_water
+            self._cursor = None
+
         now = self.clock()
         ready, held = [], []
-        for group in groups:
+        for group in group_rows(rows):
             (ready if group.pending_key or self._quiet(group, now) else held).append(group)
         live = {g.cod for g in held}
         self._first_seen = {c: v for c, v in self._first_seen.items() if c in live}
         result.ready, result.held = len(ready), len(held)
+        self._waiting.update(i for g in held for i in g.item_ids)
 
-        unresolved = [r.item_id for g in held for r in g.rows]
-        jobs, catalog_down = self._build_jobs(ready, unresolved)
+        jobs, catalog_down = self._build_jobs(ready)
         if not self.dry_run:
             self.source.mark_sending((j.item_ids, j.cod, j.key) for j in jobs if not j.recovered)
-        self._execute(jobs, result)
-
-        outcomes = []
-        for job in jobs:
-            if job.outcome is None:
-                unresolved.extend(job.item_ids)
-            elif not self.dry_run:
-                outcomes.append(Outcome(job.item_ids, job.cod, job.key, job.outcome))
-            else:
-                self._dry_done.update(job.item_ids)
-        if catalog_down or result.transient:
-            retry_after = max((j.delivery.retry_after or 0.0 for j in jobs if j.delivery), default=0.0)
-            self._pause_after_failure(catalog_down, retry_after)
-        else:
-            self._failed_cycles = 0
-        self._advance(page, outcomes, unresolved)
-        # a full page with nothing ready (all held) would only read itself again
-        result.more = page.full and result.ready > 0 and not (catalog_down or result.transient)
-        self.last_cycle_at = time.time()
-        return result
+        self._dispatch(jobs, result)
+        return page, catalog_down
 
     def _lock_ok(self) -> bool:
         if self.lock is None:
@@ -238,15 +289,14 @@ class Monitor:
         return now - seen[1] >= self.settings.debounce_seconds
 
     # ------------------------------------------------------------------ building
-    def _build_jobs(self, groups: list[Group], unresolved: list[int]) -> tuple[list[Job], bool]:
+    def _build_jobs(self, groups: list[Group]) -> tuple[list[Job], bool]:
         jobs: list[Job] = []
         for index, group in enumerate(groups):
             try:
                 jobs.extend(self._build(group))
             except CatalogUnavailable as err:
                 log.warning("Catálogo /tests indisponível (%s): envio adiado.", err)
-                for rest in groups[index:]:
-                    unresolved.extend(rest.item_ids)
+                self._waiting.update(i for rest in groups[index:] for i in rest.item_ids)
                 return jobs, True
         # solicitations that already failed transiently go last, so one bad order cannot
         # keep the others waiting
@@ -297,9 +347,8 @@ class Monitor:
         return job
 
     # ------------------------------------------------------------------ sending
-    def _execute(self, jobs: list[Job], result: CycleResult) -> None:
-        stop = threading.Event()  # set by the first transient failure: dispatch no more
-
+    def _dispatch(self, jobs: list[Job], result: CycleResult) -> None:
+        batch = Batch(jobs)
         for job in jobs:  # failures known before any POST are recorded first
             if job.outcome is None and job.payload is None:
                 self._record_failure(job)
@@ -307,27 +356,50 @@ class Monitor:
                 job.failure = self._unwritten[job.key]  # failed before; only its file is missing
                 self._record_failure(job)
         to_send = [j for j in jobs if j.outcome is None and j.failure is None]
-
-        def run(job: Job) -> None:
-            if stop.is_set() or self.shutdown.is_set():
-                return
-            if self.dry_run:
-                self.on_dry_run(job.payload, job.key)
-                job.outcome = DELIVERED
-                return
-            job.delivery = self.client.deliver(job.payload, job.key)
-            if job.delivery.outcome == TRANSIENT:
-                stop.set()
-
-        if self._pool and len(to_send) > 1:
-            list(self._pool.map(run, to_send))
-        else:
+        if self._pool is None or self.dry_run or len(to_send) < 2:
             for job in to_send:
-                run(job)
-        for job in jobs:
-            if job.delivery is not None:
-                result.sent += 1
-                self._settle(job, result)
+                self._send(job)
+        else:
+            batch.futures = [self._pool.submit(self._send, job) for job in to_send]
+        self._inflight.append(batch)
+        self._inflight_ids.update(i for job in jobs for i in job.item_ids)
+
+    def _send(self, job: Job) -> None:
+        """Runs in a sender thread: no shared state is touched but the job itself."""
+        if self._halt.is_set() or self.shutdown.is_set():
+            return  # stays "sending": the next cycle sends it with the same key
+        if self.dry_run:
+            self.on_dry_run(job.payload, job.key)
+            job.outcome = DELIVERED
+            return
+        job.delivery = self.client.deliver(job.payload, job.key)
+        if job.delivery.outcome == TRANSIENT:
+            self._halt.set()
+
+    def _harvest(self, result: CycleResult, wait: str) -> None:
+        """Settle finished pages, oldest first. wait: "none", "oldest" or "all"."""
+        first = True
+        while self._inflight:
+            batch = self._inflight[0]
+            if wait == "all" or (wait == "oldest" and first):
+                for future in batch.futures:
+                    future.result()
+            elif not batch.done():
+                break
+            first = False
+            self._inflight.popleft()
+            for job in batch.jobs:
+                if job.delivery is not None:
+                    result.sent += 1
+                    self._settle(job, result)
+                result.settled.append(job)
+                self._inflight_ids.difference_update(job.item_ids)
+                if job.outcome is None:
+                    self._waiting.update(job.item_ids)
+                elif self.dry_run:
+                    self._dry_done.update(job.item_ids)
+                else:
+                    self._unrecorded.append(Outcome(job.item_ids, job.cod, job.key, job.outcome))
 
     def _settle(self, job: Job, result: CycleResult) -> None:
         delivery = job.delivery
@@ -414,20 +486,17 @@ class Monitor:
                     what, delay, self._failed_cycles)
 
     # ------------------------------------------------------------------ checkpoint
-    def _advance(self, page, outcomes: list[Outcome], unresolved: list[int]) -> None:
+    def _advance(self) -> None:
         """The checkpoint moves over the contiguous prefix of items with a recorded outcome;
-        it moves back below a late-committed item that is still unresolved."""
-        if page.full:
-            # every unknown item up to page.upper was read; beyond it nothing is known yet
-            self.high_water = max(self.high_water, page.upper)
-            target = page.upper
-        else:
-            # the range query returned every unknown item above the window: nothing above
-            # the highest id seen is waiting
-            self.high_water = max([self.high_water, self.checkpoint] + [r.item_id for r in page.rows])
-            target = self.high_water
-        if unresolved:
-            target = min(target, min(unresolved) - 1)
+        it moves back below a late-committed item that is still unresolved. Outcomes and
+        checkpoint are written in one short transaction; if it fails, both are kept in
+        memory and written by a later step (the outcomes written in the same transaction
+        as the checkpoint need not hold it back)."""
+        target = self.checkpoint if self._bound is None else self._bound
+        pending = [min(self._waiting)] if self._waiting else []
+        pending += [min(self._inflight_ids)] if self._inflight_ids else []
+        if pending:
+            target = min(target, min(pending) - 1)
         if target < self.checkpoint:
             log.info("Checkpoint recua de %d para %d: item %d (commit tardio ou pendente) ainda "
                      "sem resultado.", self.checkpoint, target, target + 1)
@@ -436,9 +505,15 @@ class Monitor:
             self.checkpoint = target
             self._dry_done = {i for i in self._dry_done if i > target}
             return
-        prune = target - 2 * self.settings.lookback_items if changed else None
-        if outcomes or changed:
-            self.source.record(outcomes, target if changed else None, prune_below=prune)
+        if self._unrecorded or changed:
+            outcomes, self._unrecorded = self._unrecorded, []
+            try:
+                self.source.record(outcomes, target if changed else None,
+                                   prune_below=target - 2 * self.settings.lookback_items
+                                   if changed else None)
+            except Exception:
+                self._unrecorded = outcomes + self._unrecorded
+                raise
         self.checkpoint = target
 
     # ------------------------------------------------------------------ the loop
@@ -481,6 +556,12 @@ class Monitor:
             if result.held:
                 wait = min(wait, max(0.2, self.settings.debounce_seconds / 4))
             self.gate.sleep(wait)
+        if self._inflight or self._unrecorded:
+            try:
+                self.finish()  # the sends in flight complete and are recorded before exit
+            except sa.exc.DBAPIError as err:
+                log.error("Não foi possível registrar os últimos resultados (%s); serão "
+                          "reenviados com a mesma chave na próxima execução.", _short(err))
         return 0
 
 
