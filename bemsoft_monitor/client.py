@@ -97,6 +97,9 @@ class BemsoftClient:
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
         self.pool = urllib3.PoolManager(num_pools=2, **pool_kwargs)
         self._auth = f"Bearer {settings.token}"
+        # the POST pool, resolved once: no URL parsing per request
+        self._post_pool = self.pool.connection_from_url(settings.requests_url)
+        self._post_path = urllib3.util.parse_url(settings.requests_url).request_uri
 
     def close(self) -> None:
         self.pool.clear()
@@ -126,8 +129,8 @@ class BemsoftClient:
 
     # ------------------------------------------------------------- delivery
     def post_once(self, body: bytes, key: str) -> tuple[int, bytes, float | None]:
-        resp = self.pool.request(
-            "POST", self.settings.requests_url, body=body,
+        resp = self._post_pool.urlopen(
+            "POST", self._post_path, body=body, retries=False, redirect=False,
             headers={"Authorization": self._auth, "Content-Type": "application/json",
                      "Accept": "application/json", "Idempotency-Key": key})
         return resp.status, resp.data, parse_retry_after(resp.headers.get("Retry-After"))

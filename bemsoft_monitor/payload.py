@@ -57,6 +57,10 @@ def idempotency_key(cod: str, item_ids: Iterable[int], suffix: str = "") -> str:
 
 # ------------------------------------------------------------------ value parsing
 _DATE_FORMATS = ("%Y-%m-%d", "%d/%m/%Y", "%Y%m%d", "%d-%m-%Y", "%Y/%m/%d")
+_NON_DIGITS = re.compile(r"\D")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_SPACES = re.compile(r"\s+")
+_FLOAT_INT = re.compile(r"-?\d+\.0+")
 _TIME_RE = re.compile(r"^\s*(\d{1,2})[:h](\d{2})(?::(\d{2})(?:[.,]\d+)?)?\s*$")
 
 
@@ -136,14 +140,13 @@ def normalize_gender(value) -> str | None:
 
 
 def digits(value) -> str:
-    return re.sub(r"\D", "", "" if value is None else str(value))
+    return _NON_DIGITS.sub("", "" if value is None else str(value))
 
 
 def clean_text(value, limit: int | None = None) -> str:
     if value is None:
         return ""
-    text = re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "", str(value)).strip()
-    text = re.sub(r"\s+", " ", text)
+    text = _SPACES.sub(" ", _CONTROL.sub("", str(value))).strip()
     return text[:limit] if limit else text
 
 
@@ -152,7 +155,7 @@ def _external_num(value) -> str | None:
     if value is None:
         return None
     text = str(value).strip()
-    if re.fullmatch(r"-?\d+\.0+", text):
+    if _FLOAT_INT.fullmatch(text):
         text = text.split(".")[0]
     return text or None
 

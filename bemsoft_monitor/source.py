@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 ITEM_FIELDS = ("CodItemSol", "CodSolicitacao", "DataEntrada", "DescExames", "CodConvExames",
                "NomeTerceirizado", "Origem", "SituacaoResultado")
+OUTCOME_CHUNK = 1000  # ids per UPDATE: SQL Server takes at most 2100 parameters
 SOL_FIELDS = ("codsolicitacao", "codpaciente", "dtaentrada", "Hora")
 PAC_FIELDS = ("codpaciente", "nome", "cpf", "datanasc", "sexo")
 
@@ -183,21 +184,23 @@ class LegacySource:
         """Record outcomes and move the checkpoint, in one short transaction."""
         now = _utcnow()
         with self.engine.begin() as conn:
-            params = [{"b_name": self.name, "b_id": item_id, "b_status": o.status, "b_at": now}
-                      for o in outcomes for item_id in o.item_ids]
-            if params:
-                conn.execute(self.outcome_statement(), params)
+            by_status: dict[str, list[int]] = {}
+            for o in outcomes:
+                by_status.setdefault(o.status, []).extend(o.item_ids)
+            for status, ids in by_status.items():
+                for start in range(0, len(ids), OUTCOME_CHUNK):
+                    conn.execute(self.outcome_statement(ids[start:start + OUTCOME_CHUNK], status, now))
             if checkpoint is not None:
                 self._save_checkpoint(conn, checkpoint, now)
             if prune_below is not None and prune_below > 0:
                 conn.execute(self.prune_statement(prune_below))
 
-    @staticmethod
-    def outcome_statement():
+    def outcome_statement(self, item_ids: Sequence[int], status: str, now):
+        """One set-based UPDATE per status (not one statement per item)."""
         return (monitor_items.update()
-                .where(monitor_items.c.Name == sa.bindparam("b_name"),
-                       monitor_items.c.CodItemSol == sa.bindparam("b_id"))
-                .values(Status=sa.bindparam("b_status"), UpdatedAt=sa.bindparam("b_at")))
+                .where(monitor_items.c.Name == self.name,
+                       monitor_items.c.CodItemSol.in_(list(item_ids)))
+                .values(Status=status, UpdatedAt=now))
 
     def prune_statement(self, below: int):
         return monitor_items.delete().where(monitor_items.c.Name == self.name,
@@ -212,7 +215,7 @@ class LegacySource:
             "followup": self.followup_statement([1, 2], 0),
             "page_dry_run": self.page_statement(0, 500, with_state=False),
             "mark_sending": monitor_items.insert(),
-            "outcome": self.outcome_statement(),
+            "outcome": self.outcome_statement([1, 2], DELIVERED, now),
             "prune": self.prune_statement(1),
             "checkpoint_update": checkpoint_update_statement(self.name, 1, now),
             "checkpoint_insert": checkpoint_insert_statement(self.name, 1, now),

@@ -54,8 +54,9 @@ def test_monitor_tables_live_in_dbo(statements):
     assert tsql(statements["mark_sending"]).startswith("INSERT INTO dbo.[_MonitorItems] ([Name], [CodItemSol], "
                                                        "[CodSolicitacao], [Status], [IdemKey], [UpdatedAt])")
     assert tsql(statements["outcome"]) == (
-        "UPDATE dbo.[_MonitorItems] SET [Status]=:b_status, [UpdatedAt]=:b_at "
-        "WHERE dbo.[_MonitorItems].[Name] = :b_name AND dbo.[_MonitorItems].[CodItemSol] = :b_id")
+        "UPDATE dbo.[_MonitorItems] SET [Status]=:Status, [UpdatedAt]=:UpdatedAt "
+        "WHERE dbo.[_MonitorItems].[Name] = :Name_1 AND dbo.[_MonitorItems].[CodItemSol] "
+        "IN (:CodItemSol_1_1, :CodItemSol_1_2)")
     assert tsql(statements["checkpoint_update"]).startswith(
         "UPDATE dbo.[_MonitorState] SET [LastItemId]=:LastItemId, [UpdatedAt]=:UpdatedAt "
         "WHERE dbo.[_MonitorState].[Name] = :Name_1")
