@@ -7,7 +7,7 @@ import logging
 import sys
 import threading
 
-from .config import ConfigError, Settings, load_settings
+from .config import Settings, load_settings_or_report
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,8 @@ def main(argv=None) -> int:
     if args.demo:
         from .demo import run_demo
         return run_demo()
-    try:
-        settings = load_settings(args.env_file)
-    except ConfigError as err:
-        print(err, file=sys.stderr)
+    settings = load_settings_or_report(args.env_file, sys.stderr)
+    if settings is None:
         return 2
     if args.dry_run:
         settings = settings.with_overrides(dry_run=True)

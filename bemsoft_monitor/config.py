@@ -204,6 +204,15 @@ def load_settings(env_file: str | os.PathLike | None = None,
     return parse_settings(values, base_dir=path.resolve().parent if path.is_file() else PROJECT_DIR)
 
 
+def load_settings_or_report(env_file, stream) -> Settings | None:
+    """For the CLIs: the settings, or None after printing the one-line reason to `stream`."""
+    try:
+        return load_settings(env_file)
+    except ConfigError as err:
+        print(err, file=stream)
+        return None
+
+
 def read_env_text(path: Path) -> str:
     """UTF-8 (with or without BOM, as Notepad saves it); a file saved as "ANSI"
     (Windows-1252) is accepted too."""

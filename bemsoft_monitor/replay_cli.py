@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .config import ConfigError, load_settings
+from .config import load_settings_or_report
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,8 @@ def main(argv=None, out=None) -> int:
     if args.limit is not None and args.limit < 1:
         print("Opção inválida: --limit deve ser um número inteiro >= 1", file=sys.stderr)
         return 2
-    try:
-        settings = load_settings(args.env_file)
-    except ConfigError as err:
-        print(err, file=sys.stderr)
+    settings = load_settings_or_report(args.env_file, sys.stderr)
+    if settings is None:
         return 2
     if args.send:
         if not settings.token:

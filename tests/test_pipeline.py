@@ -117,19 +117,26 @@ def test_exams_added_after_sending_go_as_a_second_request(harness):
     assert sorted(harness.api.stored_batches()["sol-1"]["tests"], key=str) is not None
 
 
-def test_crash_between_post_and_checkpoint_resends_with_the_same_key(harness):
-    ids = harness.order(1, ["GLI", "HEMO"])
-    monitor = harness.monitor()
+def crash_after_post(monitor):
+    """Run one step that dies right after its POSTs, before any outcome is recorded (the
+    database refuses the outcome UPDATE, as a killed process would never send it)."""
     engine = monitor.source.engine
 
-    def crash(conn, cursor, statement, parameters, context, executemany):
+    def crash(conn, cursor, statement, *args):
         if statement.lstrip().upper().startswith("UPDATE") and "_MonitorItems" in statement:
             raise RuntimeError("simulated crash after the POST")
 
     sa.event.listen(engine, "before_cursor_execute", crash)
-    with pytest.raises(Exception):
-        monitor.step()
-    sa.event.remove(engine, "before_cursor_execute", crash)
+    try:
+        with pytest.raises(RuntimeError):
+            monitor.step()
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", crash)
+
+
+def test_crash_between_post_and_checkpoint_resends_with_the_same_key(harness):
+    ids = harness.order(1, ["GLI", "HEMO"])
+    crash_after_post(harness.monitor())
     assert harness.checkpoint() == 0
     assert len(posts(harness.api)) == 1
 
@@ -146,17 +153,7 @@ def test_crash_between_post_and_checkpoint_resends_with_the_same_key(harness):
 
 def test_recovery_keeps_the_original_group_when_items_were_added_meanwhile(harness):
     ids = harness.order(1, ["GLI"])
-    monitor = harness.monitor()
-    engine = monitor.source.engine
-
-    def crash(conn, cursor, statement, *args):
-        if statement.lstrip().upper().startswith("UPDATE") and "_MonitorItems" in statement:
-            raise RuntimeError("crash")
-
-    sa.event.listen(engine, "before_cursor_execute", crash)
-    with pytest.raises(Exception):
-        monitor.step()
-    sa.event.remove(engine, "before_cursor_execute", crash)
+    crash_after_post(harness.monitor())
     added = harness.items(1, ["HEMO"])
     harness.monitor().step()
     keys = [r["key"] for r in posts(harness.api)]
