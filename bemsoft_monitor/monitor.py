@@ -547,8 +547,8 @@ class Monitor:
                 log.info("Conexão com o banco de dados restabelecida.")
                 self._db_down = False
             backoff = 1.0
-            if result.more:
-                continue
+            if result.more or (result.sent and mode != "once"):
+                continue  # drain first: sleep only after a cycle that found nothing to send
             idle = not result.ready and not result.held and self.gate.remaining() <= 0
             if mode == "once" or (mode == "drain" and idle):
                 break
