@@ -161,7 +161,7 @@ def _external_num(value) -> str | None:
 
 
 # ------------------------------------------------------------------ the payload
-def batch_moment(event: dict, tz) -> dt.datetime:
+def batch_moment(event: dict, tz, item_moments: list | None = None) -> dt.datetime:
     """Batch date/time: solicitacao.dtaentrada + Hora; else the first item's DataEntrada;
     else now in TIMEZONE. Raised to the latest item's DataEntrada when an item is later,
     because the API silently drops a test dated after its batch (SPEC §5.5)."""
@@ -175,7 +175,9 @@ def batch_moment(event: dict, tz) -> dt.datetime:
             moment = dt.datetime.combine(day.date(), clock)
         elif day.time() != dt.time():
             moment = day
-    item_moments = [m for m in (parse_datetime(i.get("DataEntrada")) for i in items) if m]
+    if item_moments is None:
+        item_moments = [parse_datetime(i.get("DataEntrada")) for i in items]
+    item_moments = [m for m in item_moments if m]
     if moment is None and item_moments:
         moment = item_moments[0]
     if moment is None:
@@ -220,14 +222,14 @@ def build_patient(event: dict, settings: Settings) -> dict:
 
 
 def build_test(item: dict, batch_at: dt.datetime, settings: Settings,
-               specimens: SpecimenSource) -> dict:
+               specimens: SpecimenSource, collected: dt.datetime | None = None) -> dict:
     code = clean_text(item.get("CodConvExames"))
     if not code:
         raise ItemRejected("item sem código de exame (ItemSol.CodConvExames vazio)")
     mapping = settings.test_map.get(normalize_code(code))
     test_id = mapping.test_id if mapping else code
     specimen = specimens.specimen_for(test_id, mapping.specimen_id if mapping else None)
-    collected = parse_datetime(item.get("DataEntrada")) or batch_at
+    collected = collected or parse_datetime(item.get("DataEntrada")) or batch_at
     collected = min(collected.replace(microsecond=0), batch_at)
     return {
         "externalId": f"item-{_external_num(item.get('CodItemSol'))}",
@@ -253,11 +255,13 @@ def build_payload(event: dict, settings: Settings, specimens: SpecimenSource) ->
     if not cod:
         raise TransformError("item sem CodSolicitacao")
     patient = build_patient(event, settings)
-    batch_at = batch_moment(event, settings.tz)
+    items = event.get("items") or []
+    moments = [parse_datetime(i.get("DataEntrada")) for i in items]  # parsed once
+    batch_at = batch_moment(event, settings.tz, moments)
     tests, item_ids, rejected = [], [], []
-    for item in event.get("items") or []:
+    for item, collected in zip(items, moments):
         try:
-            tests.append(build_test(item, batch_at, settings, specimens))
+            tests.append(build_test(item, batch_at, settings, specimens, collected))
         except ItemRejected as err:
             rejected.append((item, str(err)))
             continue
