@@ -44,21 +44,38 @@ class FailureRecord:
                 "item_ids": self.item_ids, "response": self.response, "event": self.event}
 
     @classmethod
-    def from_json(cls, data: dict) -> "FailureRecord":
+    def from_json(cls, data) -> "FailureRecord":
+        """Validate a parsed failure file; anything odd is a FailureFileError (reported, the
+        file stays where it is), never another exception."""
         if not isinstance(data, dict) or not isinstance(data.get("event"), dict):
             raise FailureFileError("o arquivo não tem o campo 'event' com a solicitação")
         event = data["event"]
         if not isinstance(event.get("items"), list) or not event["items"]:
             raise FailureFileError("o evento não tem itens ('event.items')")
+        if not all(isinstance(i, dict) for i in event["items"]):
+            raise FailureFileError("'event.items' deve ser uma lista de objetos")
+        for part in ("solicitacao", "paciente"):
+            if event.get(part) is not None and not isinstance(event[part], dict):
+                raise FailureFileError(f"'event.{part}' deve ser um objeto")
         try:
             item_ids = [int(i["CodItemSol"]) for i in event["items"]]
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise FailureFileError("há item sem CodItemSol válido em 'event.items'") from None
+        status = data.get("http_status")
         return cls(reason=str(data.get("reason", "")), key=str(data.get("idempotency_key") or ""),
                    cod=str(data.get("cod_solicitacao") or event.get("cod_solicitacao") or ""),
-                   item_ids=item_ids, event=event, http_status=data.get("http_status"),
-                   attempts=int(data.get("attempts") or 0), response=str(data.get("response") or ""),
+                   item_ids=item_ids, event=event,
+                   http_status=status if isinstance(status, int) and not isinstance(status, bool)
+                   and 100 <= status <= 599 else None,
+                   attempts=_count(data.get("attempts")), response=str(data.get("response") or ""),
                    created_at=str(data.get("created_at") or ""))
+
+
+def _count(value) -> int:
+    try:
+        return max(0, int(value))
+    except (TypeError, ValueError, OverflowError):
+        return 0
 
 
 class FailureStore:
@@ -117,8 +134,8 @@ class FailureStore:
     def load(path: Path) -> FailureRecord:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as err:
-            raise FailureFileError(f"não foi possível ler {path}: {err}") from err
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+            raise FailureFileError(f"não foi possível ler {path}: {str(err)[:200]}") from None
         return FailureRecord.from_json(data)
 
 

@@ -60,6 +60,7 @@ class Job:
     recovered: bool = False
     delivery: Delivery | None = None
     outcome: str | None = None           # DELIVERED / FAILED once recorded
+    failure_path: object = None          # the failure file, once written
 
 
 @dataclass
@@ -120,6 +121,7 @@ class Monitor:
         self._attempts: dict[str, int] = {}
         self._first_failure: dict[str, float] = {}
         self._unwritten: dict[str, FailureRecord] = {}
+        self._unwritten_logged: dict[str, float] = {}
         self._last_success: float | None = None
         self._failed_cycles = 0
         self._dry_done: set[int] = set()
@@ -234,12 +236,25 @@ class Monitor:
         page = self.source.read_page(after, self.settings.batch_size, with_state=not self.dry_run)
         rows = [r for r in page.rows
                 if r.item_id not in self._inflight_ids and r.item_id not in self._dry_done]
-        seen = {r.item_id for r in rows}
+        now = self.clock()
+        ready, held = [], []
+        for group in group_rows(rows):
+            (ready if group.pending_key or self._quiet(group, now) else held).append(group)
+        live = {g.cod for g in held}
+        self._first_seen = {c: v for c, v in self._first_seen.items() if c in live}
+        result.ready, result.held = len(ready), len(held)
+        jobs, deferred = self._build_jobs(ready)
+        if not self.dry_run:
+            self.source.mark_sending((j.item_ids, j.cod, j.key) for j in jobs if not j.recovered)
+
+        # Only now, with the "sending" records written, does the page count as read: if the
+        # database failed above, nothing here moved and the same page is read again.
         if from_window and not page.full:
             self._waiting = set()    # every unknown item above the window is in `rows`
         else:
-            self._waiting -= seen    # re-evaluated below
-        # every unknown item up to here has now been read
+            self._waiting.difference_update(r.item_id for r in rows)
+        self._waiting.update(i for g in held for i in g.item_ids)
+        self._waiting.update(deferred)
         if page.full:
             self._bound = page.upper
             self.high_water = max(self.high_water, page.upper)
@@ -248,21 +263,8 @@ class Monitor:
             self.high_water = max([self.high_water, self.checkpoint] + [r.item_id for r in page.rows])
             self._bound = self.high_water
             self._cursor = None
-
-        now = self.clock()
-        ready, held = [], []
-        for group in group_rows(rows):
-            (ready if group.pending_key or self._quiet(group, now) else held).append(group)
-        live = {g.cod for g in held}
-        self._first_seen = {c: v for c, v in self._first_seen.items() if c in live}
-        result.ready, result.held = len(ready), len(held)
-        self._waiting.update(i for g in held for i in g.item_ids)
-
-        jobs, catalog_down = self._build_jobs(ready)
-        if not self.dry_run:
-            self.source.mark_sending((j.item_ids, j.cod, j.key) for j in jobs if not j.recovered)
         self._dispatch(jobs, result)
-        return page, catalog_down
+        return page, bool(deferred)
 
     def _lock_ok(self) -> bool:
         if self.lock is None:
@@ -289,19 +291,19 @@ class Monitor:
         return now - seen[1] >= self.settings.debounce_seconds
 
     # ------------------------------------------------------------------ building
-    def _build_jobs(self, groups: list[Group]) -> tuple[list[Job], bool]:
+    def _build_jobs(self, groups: list[Group]) -> tuple[list[Job], list[int]]:
+        """Jobs for the ready groups, and the item ids deferred because the catalog is down."""
         jobs: list[Job] = []
         for index, group in enumerate(groups):
             try:
                 jobs.extend(self._build(group))
             except CatalogUnavailable as err:
                 log.warning("Catálogo /tests indisponível (%s): envio adiado.", err)
-                self._waiting.update(i for rest in groups[index:] for i in rest.item_ids)
-                return jobs, True
+                return jobs, [i for rest in groups[index:] for i in rest.item_ids]
         # solicitations that already failed transiently go last, so one bad order cannot
         # keep the others waiting
         jobs.sort(key=lambda j: (self._attempts.get(j.key, 0) > 0, min(j.item_ids)))
-        return jobs, False
+        return jobs, []
 
     def _build(self, group: Group) -> list[Job]:
         event = group.event()
@@ -375,6 +377,14 @@ class Monitor:
         job.delivery = self.client.deliver(job.payload, job.key)
         if job.delivery.outcome == TRANSIENT:
             self._halt.set()
+        elif job.delivery.outcome == PERMANENT:
+            # written at once, not when the page is settled: after a crash, the re-send of a
+            # key the API remembers would get a 409 (SPEC §5.2); the file makes it a failure
+            job.failure = self._delivery_failure(job, job.delivery.reason)
+            try:
+                job.failure_path = self.failures.write(job.failure)
+            except FailureWriteError:
+                pass  # the main thread retries and reports it
 
     def _harvest(self, result: CycleResult, wait: str) -> None:
         """Settle finished pages, oldest first. wait: "none", "oldest" or "all"."""
@@ -420,7 +430,6 @@ class Monitor:
                      " (já recebida antes: 409)" if delivery.outcome == DUPLICATE else "")
             return
         if delivery.outcome == PERMANENT:
-            job.failure = self._delivery_failure(job, delivery.reason)
             self._record_failure(job)
             return
         # transient: keep the "sending" record (same key next time), unless it keeps failing
@@ -454,13 +463,19 @@ class Monitor:
             job.outcome = FAILED
             return
         try:
-            path = self.failures.write(record)
+            path = job.failure_path or self.failures.write(record)
         except FailureWriteError as err:
+            # logged once, then every few minutes: a disk full for hours must not flood the log
+            now = self.clock()
+            if job.key not in self._unwritten or now - self._unwritten_logged.get(job.key, 0) >= 300:
+                self._unwritten_logged[job.key] = now
+                log.error("Solicitação %s falhou (%s), mas %s. O checkpoint fica parado até "
+                          "conseguir gravar; nova tentativa a cada ciclo.", job.cod, record.reason, err)
             self._unwritten[job.key] = record
-            log.error("Solicitação %s falhou (%s), mas %s. O checkpoint fica parado até "
-                      "conseguir gravar.", job.cod, record.reason, err)
             return
-        self._unwritten.pop(job.key, None)
+        if self._unwritten.pop(job.key, None) is not None:
+            self._unwritten_logged.pop(job.key, None)
+            log.info("Falha da solicitação %s finalmente gravada.", job.cod)
         self._forget(job.key)
         job.outcome = FAILED
         self.stats.failed += 1
@@ -532,7 +547,7 @@ class Monitor:
                               "enviado nem perdido enquanto isso.", _short(err))
                     self._db_down = True
                 self.gate.sleep(backoff)
-                backoff = min(backoff * 2, 60.0)
+                backoff = min(backoff * 2, 30.0)
                 continue
             except Exception:
                 if mode == "once":

@@ -131,7 +131,7 @@ def replay_file(path: Path, settings: Settings, client: BemsoftClient | None, ca
         except (TransformError, CatalogUnavailable) as err:
             return ReplayResult(path, FAILED, str(err), key=record.key)
         except Exception as err:  # an odd stored value must not stop the other files
-            log.exception("Erro inesperado ao remontar %s", path.name)
+            log.debug("Erro inesperado ao remontar %s", path.name, exc_info=True)
             return ReplayResult(path, FAILED, f"erro inesperado ao montar o pedido: {err!r}",
                                 key=record.key)
         if not send:
