@@ -105,3 +105,24 @@ def test_postgres_plan_uses_the_primary_key_index(pg_url):
     engine.dispose()
     assert re.search(r'Index Scan using "ItemSol_pkey" on "ItemSol"', plan), plan
     assert 'Seq Scan on "ItemSol"' not in plan, plan
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_an_idle_cycle_costs_one_query(harness):
+    """Gentle on the LIS: once caught up, a cycle is the single range query."""
+    harness.order(1, ["GLI"])
+    monitor = harness.monitor()
+    monitor.step()                       # start-up and the first delivery
+    statements = []
+
+    def count(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    sa.event.listen(harness.engine, "before_cursor_execute", count)
+    try:
+        monitor.step()
+        monitor.step()
+    finally:
+        sa.event.remove(harness.engine, "before_cursor_execute", count)
+    assert len(statements) == 2, statements
+    assert all('FROM "ItemSol"' in s and "LIMIT" in s for s in statements)
