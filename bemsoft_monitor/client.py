@@ -141,6 +141,7 @@ class Delivery:
     body: str = ""
     duration: float = 0.0
     retry_after: float | None = None   # the server's Retry-After on the last answer
+    uncertain: bool = False            # a 409 after an attempt that got no answer
 
     @property
     def ok(self) -> bool:
@@ -239,6 +240,7 @@ class BemsoftClient:
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         started = time.monotonic()
         attempt, status, text = 0, None, ""
+        unanswered = False  # an attempt reached the server (maybe) but got no answer
         while True:
             if not self.gate.wait():
                 return Delivery(TRANSIENT, status, attempt, "envio interrompido (desligando)",
@@ -249,14 +251,19 @@ class BemsoftClient:
                 status, data, retry_after = self.post_once(body, key)
             except TransportError as err:
                 status, text = None, ""
+                unanswered = True
                 outcome, reason = TRANSIENT, f"falha de conexão com a API: {err}"
             else:
                 text = data.decode("utf-8", "replace")[:BODY_LIMIT]
                 outcome, reason = classify(status, data)
             reason, text = self.redact(reason), self.redact(text)
             if outcome != TRANSIENT or attempt > self.policy.retries:
+                # The API cannot be asked what it did with the unanswered attempt: it either
+                # saved it (the usual case) or failed it in its body (SPEC §5.2). Counted as
+                # delivered, and flagged so the log says which exams to check.
+                uncertain = outcome == DUPLICATE and unanswered
                 return Delivery(outcome, status, attempt, reason, text, time.monotonic() - started,
-                                retry_after)
+                                retry_after, uncertain)
             delay = self.policy.delay(attempt, retry_after)
             log.warning("Solicitação %s: tentativa %d falhou (%s); nova tentativa em %.1f s.",
                         key, attempt, reason, delay)

@@ -304,7 +304,11 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         if length < 0 or length > MAX_BODY:
             raise ValueError("Content-Length inválido")
-        return self.rfile.read(length) if length else b""
+        data = self.rfile.read(length) if length else b""
+        if len(data) < length:
+            # the client died mid-body: a real server never processes such a request
+            raise ConnectionResetError("corpo incompleto: o cliente caiu durante o envio")
+        return data
 
     def _send(self, status: int, body: bytes, content_type: str,
               headers: dict[str, str] | None = None) -> None:

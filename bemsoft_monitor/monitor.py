@@ -428,6 +428,12 @@ class Monitor:
                      job.cod, count_items(len(job.item_ids)), delivery.status, job.key,
                      delivery.duration * 1000,
                      " (já recebida antes: 409)" if delivery.outcome == DUPLICATE else "")
+            if delivery.uncertain:
+                log.warning("Solicitação %s: a API respondeu 409 depois de uma tentativa sem "
+                            "resposta (chave %s). Quase sempre a primeira tentativa foi salva; se "
+                            "ela tiver falhado no corpo, nada foi salvo. Confira no portal da "
+                            "Bemsoft os exames %s do lote sol-%s.", job.cod, job.key,
+                            ", ".join(f"item-{i}" for i in job.item_ids), job.cod)
             return
         if delivery.outcome == PERMANENT:
             self._record_failure(job)

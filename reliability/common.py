@@ -65,9 +65,10 @@ def seed(url: str, solicitations: int, items: int, first_cod: int = 1) -> list[i
 class FakeApiProcess:
     """The project's fake Bemsoft API in its own process (so the monitor's CPU is its own)."""
 
-    def __init__(self, latency: float = 0.0, fault_rate: float = 0.0, seed: int | None = None):
+    def __init__(self, latency: float = 0.0, fault_rate: float = 0.0, seed: int | None = None,
+                 extra_args: tuple = ()):
         args = [sys.executable, "-m", "bemsoft_monitor.fakeapi", "--port", "0", "--token", TOKEN,
-                "--latency", str(latency), "--keep-requests", "200"]
+                "--latency", str(latency), "--keep-requests", "200", *extra_args]
         if fault_rate:
             args += ["--fault-rate", str(fault_rate)]
         if seed is not None:
@@ -746,15 +747,7 @@ def fake_api_with(*extra_args: str, latency: float = 0.0) -> FakeApiProcess:
     """Like FakeApiProcess(latency=...), with more options for the fake, e.g.
     ("--max-external-id", "12"): a longer order id then gets the real API's "201 with an
     error body" — nothing stored and the Idempotency-Key remembered (SPEC §5.1, §5.2, §5.4)."""
-    api = FakeApiProcess.__new__(FakeApiProcess)
-    args = [sys.executable, "-m", "bemsoft_monitor.fakeapi", "--port", "0", "--token", TOKEN,
-            "--latency", str(latency), "--keep-requests", "200", *extra_args]
-    api.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    api.url = api.proc.stdout.readline().strip()
-    if not api.url.startswith("http://127.0.0.1:"):
-        api.proc.kill()
-        raise RuntimeError(f"fake API did not start: {api.url!r}")
-    return api
+    return FakeApiProcess(latency=latency, extra_args=extra_args)
 
 
 def block_database(db_url: str, seconds: float, admin_url: str = PG_ADMIN_URL) -> int:
@@ -775,3 +768,15 @@ def block_database(db_url: str, seconds: float, admin_url: str = PG_ADMIN_URL) -
         return killed
     finally:
         engine.dispose()
+
+
+def send_truncated_post(api: FakeApiProcess, key: str = "sol-1-truncado") -> None:
+    """Headers with Content-Length, a piece of the body, then the connection closes: what the
+    API sees when the monitor is killed in the middle of a POST."""
+    import socket
+    host, port = api.url.split("//", 1)[1].rsplit(":", 1)
+    body = json.dumps({"batch": {"externalId": "sol-1"}}).encode()
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall((f"POST /requests HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                      f"Content-Type: application/json\r\nIdempotency-Key: {key}\r\n"
+                      f"Content-Length: {len(body) + 500}\r\n\r\n").encode() + body[:10])

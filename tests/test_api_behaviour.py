@@ -396,3 +396,17 @@ def test_catalog_unavailable_at_start_sends_nothing_and_delivers_later(harness, 
     assert stored_once(harness.api, ids)
     assert failure_files(tmp_path) == []
     assert harness.checkpoint() == max(ids)
+
+
+def test_409_after_an_unanswered_attempt_is_delivered_with_a_warning(harness, caplog):
+    """SPEC §5.2: after a timeout the API may have saved the first attempt, or failed it in
+    its body; it cannot be asked. Counted delivered, and the log names the exams to check."""
+    ids = harness.order(1, ["GLI", "TSH"])
+    harness.api.timeout_next(1, 1.0)
+    monitor = harness.monitor(BEMSOFT_TIMEOUT="0.3", BEMSOFT_RETRIES="2")
+    with caplog.at_level("WARNING"):
+        monitor.step()
+    assert monitor.stats.duplicates == 1
+    assert "409 depois de uma tentativa sem resposta" in caplog.text
+    assert all(f"item-{i}" in caplog.text for i in ids)
+    assert sorted(harness.api.stored_tests()) == sorted(f"item-{i}" for i in ids)
