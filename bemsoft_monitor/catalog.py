@@ -72,11 +72,15 @@ class Catalog:
         with self._lock:
             self._ensure_fresh()
             specimens = self._by_id.get(test_id)
-            if specimens is None and (self._last_attempt is None or
-                                      self._clock() - self._last_attempt >= self.miss_refresh_interval):
+            now = self._clock()
+            if specimens is None and now - self._loaded_at >= self.miss_refresh_interval:
+                # rejected only against a catalog loaded after the miss (it may have just been
+                # registered); a refresh that failed defers the item instead
+                if now - self._last_attempt < self.miss_refresh_interval:
+                    raise CatalogUnavailable(f"catálogo /tests desatualizado e a última "
+                                             f"atualização falhou; {test_id} será procurado de novo")
                 log.info("Exame %s fora do catálogo em cache; atualizando /tests uma vez.", test_id)
                 if not self.refresh():
-                    # not checked against a fresh catalog: try again later, do not reject
                     raise CatalogUnavailable(f"não foi possível atualizar /tests para procurar {test_id}")
                 specimens = self._by_id.get(test_id)
             if not specimens:

@@ -104,7 +104,9 @@ def summarize_failures(store: FailureStore) -> dict:
 
 
 def print_status(settings: Settings, out=None) -> int:
-    from .db import DatabaseUnavailable, connect_check, create_db_engine
+    from sqlalchemy.exc import DBAPIError
+
+    from .db import DatabaseUnavailable, connect_check, create_db_engine, describe_connect_error
     from .source import LegacySource
 
     out = out or sys.stdout
@@ -132,6 +134,9 @@ def print_status(settings: Settings, out=None) -> int:
             print("Última entrega: nenhuma registrada", file=out)
     except (DatabaseUnavailable, ConfigError) as err:
         print(f"Banco de dados: {err}", file=out)
+        code = 1
+    except DBAPIError as err:  # connected, but the tables cannot be read
+        print(f"Banco de dados: {describe_connect_error(err, settings)}", file=out)
         code = 1
     finally:
         if engine is not None:

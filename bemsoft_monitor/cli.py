@@ -7,7 +7,7 @@ import logging
 import sys
 import threading
 
-from .config import Settings, load_settings_or_report
+from .config import ConfigError, Settings, load_settings_or_report
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,9 @@ def run_monitor(settings: Settings, mode: str, stop_file: str | None = None) -> 
         sys.setswitchinterval(0.001)
     if stop_file:
         watch_stop_file(stop_file, shutdown)
-    monitor = build_monitor(settings, shutdown=shutdown, on_dry_run=_print_payload)
-    lock = metrics = None
+    monitor = lock = metrics = None
     try:
+        monitor = build_monitor(settings, shutdown=shutdown, on_dry_run=_print_payload)
         connect_check(monitor.source.engine, settings)
         if not settings.dry_run:  # DRY_RUN writes nothing and sends nothing: no lock needed
             lock = InstanceLock(monitor.source.engine, settings.monitor_name)
@@ -113,11 +113,17 @@ def run_monitor(settings: Settings, mode: str, stop_file: str | None = None) -> 
     except DBAPIError as err:  # --once: the database failed mid-cycle; nothing was lost
         log.error("Banco de dados falhou durante o ciclo: %s", describe_connect_error(err, settings))
         return 3
-    except StartError as err:
+    except (ConfigError, StartError) as err:
         log.error("%s", err)
         return 2
+    except Exception as err:  # --once/--drain: one line; the details at DEBUG
+        log.debug("Erro inesperado", exc_info=True)
+        log.error("Erro inesperado: %r. Nada foi perdido: o que não tem resultado registrado "
+                  "será tentado de novo na próxima execução.", err)
+        return 1
     finally:
-        monitor.close()
+        if monitor is not None:
+            monitor.close()
         if lock is not None:
             lock.release()
         if metrics is not None:

@@ -77,8 +77,11 @@ class PostConnections:
             if conn in self._all:
                 self._all.remove(conn)
 
-    def post(self, body: bytes, headers: dict) -> tuple[int, bytes, str | None]:
+    def post(self, body: bytes, headers: dict) -> tuple[int, bytes, str | None, bool]:
+        """(status, body, Retry-After, resent): `resent` when a reused connection failed
+        and the request went again on a new one (the first may have reached the server)."""
         conn = getattr(self._local, "conn", None)
+        resent = False
         reused = conn is not None
         if reused and _closed_by_peer(conn):
             self._drop(conn)
@@ -96,12 +99,12 @@ class PostConnections:
                 stale = reused and isinstance(err, (http.client.RemoteDisconnected,
                                                     ConnectionResetError, BrokenPipeError))
                 if stale:  # the server closed an idle keep-alive connection: once more
-                    conn, reused = None, False
+                    conn, reused, resent = None, False, True
                     continue
                 raise TransportError(f"{type(err).__name__}: {err}") from err
             if resp.will_close:
                 self._drop(conn)
-            return resp.status, data, resp.getheader("Retry-After")
+            return resp.status, data, resp.getheader("Retry-After"), resent
         raise TransportError("conexão encerrada pelo servidor")
 
     def close(self) -> None:
@@ -228,11 +231,11 @@ class BemsoftClient:
             raise ApiError("GET /tests devolveu um corpo que não é JSON", permanent=False) from err
 
     # ------------------------------------------------------------- delivery
-    def post_once(self, body: bytes, key: str) -> tuple[int, bytes, float | None]:
-        status, data, retry_after = self._posts.post(body, {
+    def post_once(self, body: bytes, key: str) -> tuple[int, bytes, float | None, bool]:
+        status, data, retry_after, resent = self._posts.post(body, {
             "Authorization": self._auth, "Content-Type": "application/json",
             "Accept": "application/json", "Idempotency-Key": key})
-        return status, data, parse_retry_after(retry_after)
+        return status, data, parse_retry_after(retry_after), resent
 
     def deliver(self, payload: dict, key: str) -> Delivery:
         """POST one payload, retrying transient failures per the policy. Never raises for
@@ -248,7 +251,8 @@ class BemsoftClient:
             attempt += 1
             retry_after = None
             try:
-                status, data, retry_after = self.post_once(body, key)
+                status, data, retry_after, resent = self.post_once(body, key)
+                unanswered = unanswered or resent
             except TransportError as err:
                 status, text = None, ""
                 unanswered = True

@@ -14,7 +14,6 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-CLAIM_SUFFIX = ".claimed"
 
 
 class FailureWriteError(Exception):

@@ -23,7 +23,7 @@ from .failures import FailureRecord, FailureStore, FailureWriteError
 from .metrics import LatencyHistogram
 from .payload import TransformError, build_payload, idempotency_key, make_event
 from .retry import PauseGate
-from .schema import DELIVERED, FAILED
+from .schema import DELIVERED, FAILED, NOFILE
 from .source import ItemRow, LegacySource, Outcome
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,12 @@ class Group:
     cod: str
     rows: list[ItemRow]
     pending_key: str | None = None
+
+    @property
+    def unwritten(self) -> ItemRow | None:
+        """The row carrying a permanent failure whose file is still to be written."""
+        first = self.rows[0]
+        return first if first.pending_status == NOFILE else None
 
     @property
     def item_ids(self) -> list[int]:
@@ -205,7 +211,7 @@ class Monitor:
             self._advance()  # recorded before reading, so the read does not see them as "sending"
         page, catalog_down = None, False
         can_read = (len(self._inflight) < self.MAX_PAGES_IN_FLIGHT and not self.shutdown.is_set()
-                    and self.gate.remaining() <= 0 and self._lock_ok())
+                    and not result.transient and self.gate.remaining() <= 0 and self._lock_ok())
         if can_read:
             self._halt.clear()
             page, catalog_down = self._read_and_dispatch(result)
@@ -234,14 +240,21 @@ class Monitor:
         from_window = self._cursor is None
         after = self.window_low() if from_window else self._cursor
         page = self.source.read_page(after, self.settings.batch_size, with_state=not self.dry_run)
+        if not from_window and any(r.pending_key and r.item_id not in self._inflight_ids
+                                   for r in page.rows):
+            # a send left pending must go out whole, under its key: a read from the cursor may
+            # see only the part of its group above the cursor; the window read has all of it
+            from_window, after = True, self.window_low()
+            page = self.source.read_page(after, self.settings.batch_size, with_state=True)
         rows = [r for r in page.rows
                 if r.item_id not in self._inflight_ids and r.item_id not in self._dry_done]
         now = self.clock()
         ready, held = [], []
         for group in group_rows(rows):
             (ready if group.pending_key or self._quiet(group, now) else held).append(group)
-        live = {g.cod for g in held}
-        self._first_seen = {c: v for c, v in self._first_seen.items() if c in live}
+        if from_window and not page.full:  # a complete view: forget timers of what is gone
+            live = {g.cod for g in held}
+            self._first_seen = {c: v for c, v in self._first_seen.items() if c in live}
         result.ready, result.held = len(ready), len(held)
         jobs, deferred = self._build_jobs(ready)
         if not self.dry_run:
@@ -312,6 +325,13 @@ class Monitor:
             job = Job(cod, group.pending_key, group.item_ids, event, recovered=True)
             job.outcome = FAILED  # its failure file was written before a crash
             return [job]
+        if group.unwritten is not None:  # refused by the API before a restart: never re-POST
+            row = group.unwritten
+            job = self._failure_job(cod, group.pending_key, group.item_ids, event,
+                                    row.pending_reason or "falha permanente registrada antes de "
+                                    "uma reinicialização", group)
+            job.failure.http_status = row.pending_http
+            return [job]
         try:
             built = build_payload(event, self.settings, self.catalog)
         except TransformError as err:
@@ -358,13 +378,14 @@ class Monitor:
                 job.failure = self._unwritten[job.key]  # failed before; only its file is missing
                 self._record_failure(job)
         to_send = [j for j in jobs if j.outcome is None and j.failure is None]
+        # tracked before anything is sent: whatever happens below, these items hold the checkpoint
+        self._inflight.append(batch)
+        self._inflight_ids.update(i for job in jobs for i in job.item_ids)
         if self._pool is None or self.dry_run or len(to_send) < 2:
             for job in to_send:
                 self._send(job)
         else:
             batch.futures = [self._pool.submit(self._send, job) for job in to_send]
-        self._inflight.append(batch)
-        self._inflight_ids.update(i for job in jobs for i in job.item_ids)
 
     def _send(self, job: Job) -> None:
         """Runs in a sender thread: no shared state is touched but the job itself."""
@@ -374,7 +395,11 @@ class Monitor:
             self.on_dry_run(job.payload, job.key)
             job.outcome = DELIVERED
             return
-        job.delivery = self.client.deliver(job.payload, job.key)
+        try:
+            job.delivery = self.client.deliver(job.payload, job.key)
+        except Exception as err:  # a bug or an odd value: a recorded failure, not a lost item
+            log.debug("Erro inesperado ao enviar a solicitação %s", job.cod, exc_info=True)
+            job.delivery = Delivery(PERMANENT, None, 1, f"erro inesperado ao enviar: {err!r}")
         if job.delivery.outcome == TRANSIENT:
             self._halt.set()
         elif job.delivery.outcome == PERMANENT:
@@ -406,6 +431,7 @@ class Monitor:
                 self._inflight_ids.difference_update(job.item_ids)
                 if job.outcome is None:
                     self._waiting.update(job.item_ids)
+                    self._cursor = None  # re-read from the window, where its group is whole
                 elif self.dry_run:
                     self._dry_done.update(job.item_ids)
                 else:
@@ -477,6 +503,11 @@ class Monitor:
                 self._unwritten_logged[job.key] = now
                 log.error("Solicitação %s falhou (%s), mas %s. O checkpoint fica parado até "
                           "conseguir gravar; nova tentativa a cada ciclo.", job.cod, record.reason, err)
+            if job.delivery is not None and job.key not in self._unwritten and not self.dry_run:
+                try:  # after a restart, the file is written instead of POSTing the key again
+                    self.source.mark_unwritten(job.item_ids, record.reason, record.http_status)
+                except sa.exc.DBAPIError as db_err:
+                    log.warning("Não foi possível registrar a falha no banco (%s).", _short(db_err))
             self._unwritten[job.key] = record
             return
         if self._unwritten.pop(job.key, None) is not None:
@@ -528,13 +559,18 @@ class Monitor:
             return
         if self._unrecorded or changed:
             outcomes, self._unrecorded = self._unrecorded, []
+            # records below the prune line are deleted, so the look-back window must never
+            # reach below it again: the floor follows it
+            prune = target - 2 * self.settings.lookback_items if changed else None
+            floor = prune if prune is not None and prune > self.floor else None
             try:
                 self.source.record(outcomes, target if changed else None,
-                                   prune_below=target - 2 * self.settings.lookback_items
-                                   if changed else None)
+                                   prune_below=floor, floor=floor)
             except Exception:
                 self._unrecorded = outcomes + self._unrecorded
                 raise
+            if floor is not None:
+                self.floor = floor
         self.checkpoint = target
 
     # ------------------------------------------------------------------ the loop
@@ -545,7 +581,7 @@ class Monitor:
         while not self.shutdown.is_set():
             try:
                 result = self.step()
-            except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DBAPIError) as err:
+            except sa.exc.DBAPIError as err:
                 if mode == "once":
                     raise
                 if not self._db_down:
@@ -558,8 +594,8 @@ class Monitor:
             except Exception:
                 if mode == "once":
                     raise
-                # a bug must not stop deliveries for good: nothing was recorded for the page,
-                # so the next cycle takes it up again
+                # a bug must not stop deliveries for good: what has no recorded outcome stays
+                # unknown or "sending" and the next window read takes it up again
                 log.exception("Erro inesperado no ciclo; nova tentativa em %.0f s.", backoff)
                 self.gate.sleep(backoff)
                 backoff = min(backoff * 2, 60.0)
@@ -580,7 +616,7 @@ class Monitor:
         if self._inflight or self._unrecorded:
             try:
                 self.finish()  # the sends in flight complete and are recorded before exit
-            except sa.exc.DBAPIError as err:
+            except Exception as err:
                 log.error("Não foi possível registrar os últimos resultados (%s); serão "
                           "reenviados com a mesma chave na próxima execução.", _short(err))
         return 0

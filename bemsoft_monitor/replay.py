@@ -93,8 +93,8 @@ def release_stale_claims(directory: Path, now: float | None = None) -> list[Path
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
-    if pid == os.getpid():
-        return True
+    if pid == os.getpid() or os.name == "nt":
+        return True  # on Windows os.kill(pid, 0) is not a probe: claims expire by age only
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -137,11 +137,14 @@ def replay_file(path: Path, settings: Settings, client: BemsoftClient | None, ca
         if not send:
             return ReplayResult(path, WOULD_SEND, f"seria enviado com a chave {key} "
                                                   f"({len(item_ids)} itens)", key, payload)
+        if key != record.key:
+            # the new key is kept in the file before the POST: if this process dies before the
+            # file is moved, the next replay re-sends with the same key and the API dedupes
+            record.key, record.http_status = key, None
+            _save(claimed, record.to_json())
         delivery = client.deliver(payload, key)
         if delivery.ok:
-            move_ok.mkdir(parents=True, exist_ok=True, mode=0o700)
-            target = move_ok / path.name
-            shutil.move(str(claimed), str(target))
+            target = _move_delivered(claimed, move_ok, path.name)
             claimed = None
             return ReplayResult(path, OK, f"{delivery.reason} -> {target}", key, payload, delivery)
         _update_record(claimed, record, delivery, key)
@@ -151,19 +154,38 @@ def replay_file(path: Path, settings: Settings, client: BemsoftClient | None, ca
             release(claimed)
 
 
+def _move_delivered(claimed: Path, move_ok: Path, name: str) -> Path:
+    """Out of FAILED_DIR once delivered; if --move-ok cannot be written, renamed in place to
+    `*.sent` (never picked up again)."""
+    try:
+        move_ok.mkdir(parents=True, exist_ok=True, mode=0o700)
+        target = move_ok / name
+        shutil.move(str(claimed), str(target))
+        return target
+    except OSError as err:
+        target = claimed.with_name(name + ".sent")
+        os.replace(claimed, target)
+        log.warning("Não foi possível mover para %s (%s); renomeado para %s.", move_ok, err, target)
+        return target
+
+
 def _update_record(claimed: Path, record: FailureRecord, delivery: Delivery, key: str) -> None:
     """Keep the latest answer in the file, so the operator sees why it still fails."""
     data = record.to_json()
     data.update(reason=delivery.reason, http_status=delivery.status, idempotency_key=key,
                 attempts=record.attempts + delivery.attempts, response=delivery.body)
-    tmp = claimed.with_name(claimed.name + ".tmp")
+    _save(claimed, data)
+
+
+def _save(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, ensure_ascii=False, indent=2)
-        os.replace(tmp, claimed)
+        os.replace(tmp, path)
     except OSError as err:
-        log.warning("Não foi possível atualizar %s: %s", claimed, err)
+        log.warning("Não foi possível atualizar %s: %s", path, err)
 
 
 def send_event(event: dict, settings: Settings, client: BemsoftClient, catalog) -> Delivery:

@@ -84,7 +84,8 @@ monitor_state = sa.Table(
 
 # One row per ItemSol the monitor has taken up, kept for the look-back window: "sending"
 # is written before the POST (with the Idempotency-Key, so a crash re-sends the same key),
-# then "delivered" or "failed" once the outcome is recorded.
+# then "delivered" or "failed" once the outcome is recorded ("nofile" in between when the
+# failure file could not be written).
 monitor_items = sa.Table(
     "_MonitorItems", monitor_metadata,
     sa.Column("Name", sa.String(100), primary_key=True),
@@ -93,6 +94,10 @@ monitor_items = sa.Table(
     sa.Column("Status", sa.String(16), nullable=False),
     sa.Column("IdemKey", sa.String(100), nullable=False),
     sa.Column("UpdatedAt", sa.DateTime, nullable=False),
+    # "nofile": the API refused it for good but the failure file could not be written yet;
+    # kept here so that a restart writes the file instead of POSTing the key again
+    sa.Column("Reason", sa.Unicode(1000), nullable=True),
+    sa.Column("HttpStatus", sa.Integer, nullable=True),
 )
 
-SENDING, DELIVERED, FAILED = "sending", "delivered", "failed"
+SENDING, DELIVERED, FAILED, NOFILE = "sending", "delivered", "failed", "nofile"

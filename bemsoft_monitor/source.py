@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 import sqlalchemy as sa
 
 from .db import monitor_schema_map
-from .schema import (DELIVERED, FAILED, SENDING, item_sol, monitor_items, monitor_metadata,
+from .schema import (DELIVERED, FAILED, NOFILE, SENDING, item_sol, monitor_items, monitor_metadata,
                      monitor_state, paciente, solicitacao)
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,9 @@ class ItemRow:
     solicitacao: dict | None
     paciente: dict | None
     pending_key: str | None = None  # set when a "sending" record exists (crash recovery)
+    pending_status: str | None = None   # SENDING or NOFILE
+    pending_reason: str | None = None
+    pending_http: int | None = None
 
 
 @dataclass
@@ -128,13 +131,15 @@ class LegacySource:
                   .outerjoin(paciente, paciente.c.codpaciente == solicitacao.c.codpaciente))
         conditions = [self._matching()]
         if with_state:
-            cols += [monitor_items.c.Status.label("m_status"), monitor_items.c.IdemKey.label("m_key")]
+            cols += [monitor_items.c.Status.label("m_status"), monitor_items.c.IdemKey.label("m_key"),
+                     monitor_items.c.Reason.label("m_reason"),
+                     monitor_items.c.HttpStatus.label("m_http")]
             joined = joined.outerjoin(monitor_items, sa.and_(
                 monitor_items.c.Name == self.name,
                 monitor_items.c.CodItemSol == item_sol.c.CodItemSol))
             # unknown items, and items whose send was started but has no outcome yet
             conditions.append(sa.or_(monitor_items.c.CodItemSol.is_(None),
-                                     monitor_items.c.Status == SENDING))
+                                     monitor_items.c.Status.in_([SENDING, NOFILE])))
         return sa.select(*cols).select_from(joined).where(*conditions)
 
     def page_statement(self, after_id: int, limit: int, with_state: bool = True):
@@ -169,9 +174,11 @@ class LegacySource:
         item = dict(zip(ITEM_FIELDS, v[:_SOL_AT]))
         sol = None if v[_SOL_AT] is None else dict(zip(SOL_FIELDS, v[_SOL_AT:_PAC_AT]))
         pac = None if v[_PAC_AT] is None else dict(zip(PAC_FIELDS, v[_PAC_AT:_STATE_AT]))
-        pending = v[_STATE_AT + 1] if len(v) > _STATE_AT and v[_STATE_AT] == SENDING else None
-        return ItemRow(item_id=int(v[0]), cod=str(v[1]), item=item, solicitacao=sol,
-                       paciente=pac, pending_key=pending)
+        row = ItemRow(item_id=int(v[0]), cod=str(v[1]), item=item, solicitacao=sol, paciente=pac)
+        if len(v) > _STATE_AT and v[_STATE_AT] in (SENDING, NOFILE):
+            row.pending_status, row.pending_key = v[_STATE_AT], v[_STATE_AT + 1]
+            row.pending_reason, row.pending_http = v[_STATE_AT + 2], v[_STATE_AT + 3]
+        return row
 
     # ----------------------------------------------------------------- recording
     def mark_sending(self, groups: Iterable[tuple[Sequence[int], str, str]]) -> None:
@@ -184,9 +191,19 @@ class LegacySource:
             with self.engine.begin() as conn:
                 conn.execute(monitor_items.insert(), rows)
 
+    def mark_unwritten(self, item_ids: Sequence[int], reason: str, http_status: int | None) -> None:
+        """The API's permanent answer, kept until its failure file can be written."""
+        with self.engine.begin() as conn:
+            conn.execute(monitor_items.update()
+                         .where(monitor_items.c.Name == self.name,
+                                monitor_items.c.CodItemSol.in_(list(item_ids)))
+                         .values(Status=NOFILE, Reason=reason[:1000], HttpStatus=http_status,
+                                 UpdatedAt=_utcnow()))
+
     def record(self, outcomes: Sequence[Outcome], checkpoint: int | None,
-               prune_below: int | None = None) -> None:
-        """Record outcomes and move the checkpoint, in one short transaction."""
+               prune_below: int | None = None, floor: int | None = None) -> None:
+        """Record outcomes, move the checkpoint (and the look-back floor) and prune old
+        records, in one short transaction."""
         now = _utcnow()
         with self.engine.begin() as conn:
             by_status: dict[str, list[int]] = {}
@@ -197,6 +214,8 @@ class LegacySource:
                     conn.execute(self.outcome_statement(ids[start:start + OUTCOME_CHUNK], status, now))
             if checkpoint is not None:
                 self._save_checkpoint(conn, checkpoint, now)
+            if floor is not None:
+                self._save_checkpoint(conn, floor, now, self.floor_name)
             if prune_below is not None and prune_below > 0:
                 conn.execute(self.prune_statement(prune_below))
 

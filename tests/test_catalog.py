@@ -305,7 +305,7 @@ def test_real_catalog_through_the_client(api, client, clock):
     # a code registered later is found by the refresh on a miss
     api.set_catalog(api.catalog + [entry("NOVO", "SALIVA")])
     clock.now += 61
-    with pytest.raises(ItemRejected):                     # second 503: still unknown
+    with pytest.raises(CatalogUnavailable):               # second 503: not checked, deferred
         catalog.specimen_for("NOVO")
     clock.now += 61
     assert catalog.specimen_for("NOVO") == "SALIVA"
@@ -325,3 +325,27 @@ def test_real_catalog_unavailable_at_start_and_wrong_token(api, client, clock):
         client(wrong).fetch_tests()
     assert info.value.permanent and info.value.status == 401
     assert "BEMSOFT_TOKEN" in str(info.value) and wrong not in str(info.value)
+
+
+def test_a_miss_is_rejected_only_against_a_catalog_loaded_after_it(clock):
+    """Review finding: after a failed refresh, a retry within the rate limit must not reject
+    the item without having checked a fresh catalog."""
+    calls = {"n": 0}
+
+    def fetch():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("API fora do ar")
+        return {"tests": [entry("GLI", "SORO")] + ([entry("NOVO", "SALIVA")] if calls["n"] > 2 else [])}
+
+    catalog = Catalog(fetch, 3600, miss_refresh_interval=60, clock=clock)
+    assert catalog.specimen_for("GLI") == "SORO"
+    clock.now += 61
+    with pytest.raises(CatalogUnavailable):
+        catalog.specimen_for("NOVO")          # the refresh for the miss failed: deferred
+    clock.now += 1
+    with pytest.raises(CatalogUnavailable):
+        catalog.specimen_for("NOVO")          # still not checked: deferred, not rejected
+    clock.now += 60
+    assert catalog.specimen_for("NOVO") == "SALIVA"
+    assert calls["n"] == 3

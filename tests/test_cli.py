@@ -150,3 +150,13 @@ def test_env_example_documents_every_setting_and_loads():
     assert missing == []
     settings = load_settings(ROOT / ".env.example", environ={})
     assert settings.dry_run and settings.start_from == "latest"
+
+
+def test_unusable_database_url_is_one_line_not_a_traceback(env_file):
+    text = env_file.read_text(encoding="utf-8")
+    text = "\n".join("DATABASE_URL=foo://x/y" if line.startswith("DATABASE_URL=") else line
+                     for line in text.splitlines()) + "\n"
+    env_file.write_text(text, encoding="utf-8")
+    result = run("monitor_bemsoft.py", "--env-file", str(env_file), "--once")
+    assert result.returncode == 2, result.stderr
+    assert "DATABASE_URL" in result.stderr and "Traceback" not in result.stderr

@@ -359,3 +359,24 @@ def test_nssm_scripts_set_console_stop_rotation_and_directory():
     assert "nssm remove" in (ROOT / "scripts" / "uninstall_service_nssm.bat").read_text(encoding="utf-8")
     for name in ("start_monitor", "stop_monitor", "start_retry", "stop_retry"):
         assert (ROOT / "scripts" / f"{name}.bat").exists() and (ROOT / "scripts" / f"{name}.sh").exists()
+
+
+def test_replay_keeps_its_fresh_key_when_the_send_does_not_finish(env_file, legacy, api, tmp_path):
+    """Review finding: a fresh key is written into the file before the POST, so a replay that
+    dies (or gets no answer) is repeated with the same key and the API dedupes."""
+    legacy.order(1, ["GLI"])
+    api.fail_next(1, status=201, body={"error": "Não foi possível salvar os dados recebidos no lote sol-1."})
+    assert run("monitor_bemsoft.py", "--env-file", str(env_file), "--once").returncode == 0
+    with open(env_file, "a", encoding="utf-8") as fh:
+        fh.write("BEMSOFT_RETRIES=0\n")
+    api.drop_next(1)                                  # the replay's POST gets no answer
+    first = run("retry_failed.py", "--env-file", str(env_file), "--send")
+    assert first.returncode == 1
+    [path] = failure_files(tmp_path)
+    record = json.loads(path.read_text(encoding="utf-8"))
+    assert "-r" in record["idempotency_key"] and record["http_status"] is None
+    second = run("retry_failed.py", "--env-file", str(env_file), "--send")
+    assert second.returncode == 0, second.stdout
+    keys = [r["key"] for r in api.requests if r.get("body") and "batch" in r["body"]]
+    assert keys[-1] == record["idempotency_key"]
+    assert len(api.stored_tests()) == 1

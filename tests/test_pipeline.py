@@ -322,3 +322,24 @@ def test_late_commit_held_by_debounce_moves_the_checkpoint_back(harness):
     restarted.step()
     assert_each_once(harness.api, first + late + second)
     assert harness.checkpoint() == 12
+
+
+def test_refused_send_whose_file_could_not_be_written_is_not_posted_again_after_restart(harness, tmp_path):
+    """Review finding: the API refused it for good (201 with an error: key remembered), the
+    failure file could not be written, then the monitor restarted. Re-POSTing the key would
+    get a 409 and count as delivered what was never saved."""
+    blocker = tmp_path / "failed"
+    blocker.write_text("not a directory")
+    ids = harness.order(1, ["GLI"])
+    harness.api.fail_next(1, status=201, body={"error": "Não foi possível salvar os dados recebidos no lote sol-1."})
+    harness.monitor().step()
+    assert harness.checkpoint() == 0
+    blocker.unlink()
+    harness.monitor().step()                     # a new process: nothing in memory
+    posts_sent = [r for r in harness.api.requests if r.get("body") and "batch" in r["body"]]
+    assert len(posts_sent) == 1                  # not POSTed again
+    [path] = blocker.glob("*.json")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    assert record["item_ids"] == ids and record["http_status"] == 201
+    assert "Não foi possível salvar" in record["reason"]
+    assert harness.checkpoint() == max(ids)

@@ -52,7 +52,7 @@ def test_dry_run_page_does_not_touch_monitor_tables(statements):
 
 def test_monitor_tables_live_in_dbo(statements):
     assert tsql(statements["mark_sending"]).startswith("INSERT INTO dbo.[_MonitorItems] ([Name], [CodItemSol], "
-                                                       "[CodSolicitacao], [Status], [IdemKey], [UpdatedAt])")
+                                                       "[CodSolicitacao], [Status], [IdemKey], [UpdatedAt]")
     assert tsql(statements["outcome"]) == (
         "UPDATE dbo.[_MonitorItems] SET [Status]=:Status, [UpdatedAt]=:UpdatedAt "
         "WHERE dbo.[_MonitorItems].[Name] = :Name_1 AND dbo.[_MonitorItems].[CodItemSol] "
