@@ -29,6 +29,9 @@ from .source import ItemRow, LegacySource, Outcome
 log = logging.getLogger(__name__)
 
 
+DB_RETRY_MAX = 10.0  # seconds between reconnection attempts during a database outage
+
+
 class StartError(Exception):
     """The monitor cannot start (e.g. first start without START_FROM); str() is pt-BR."""
 
@@ -589,7 +592,7 @@ class Monitor:
                               "enviado nem perdido enquanto isso.", _short(err))
                     self._db_down = True
                 self.gate.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+                backoff = min(backoff * 2, DB_RETRY_MAX)
                 continue
             except Exception:
                 if mode == "once":
