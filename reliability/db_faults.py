@@ -216,10 +216,17 @@ def run(args) -> Result:
         violations.append(f"o monitor saiu com código {code} ao receber SIGTERM")
     if len(down) > len(faults):
         violations.append(f"{len(down)} linhas '{DOWN_LINE}' para {len(faults)} quedas")
+    def outage_open_at(when) -> bool:
+        """A fault that lands while the previous outage is still being reported (no
+        'restabelecida' yet) belongs to that outage: one line for both is right."""
+        last_down = max((d for d in down if d <= when), default=None)
+        last_back = max((b for b in back if b <= when), default=None)
+        return last_down is not None and (last_back is None or last_back < last_down)
+
     for fault, n in zip(faults, per_fault):
         if n > 1:
             violations.append(f"queda '{fault.kind}' em {fault.offset:.1f} s registrada {n} vezes")
-        if n == 0 and fault.kind in DETERMINISTIC:
+        if n == 0 and fault.kind in DETERMINISTIC and not outage_open_at(fault.started):
             violations.append(f"queda '{fault.kind}' em {fault.offset:.1f} s não foi registrada")
     if before:
         violations.append(f"{before} linhas '{DOWN_LINE}' antes de qualquer falha")
