@@ -341,49 +341,49 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- methods ---------------------------------------------------------------------
     def do_GET(self) -> None:  # noqa: N802
-        fake = self.server.fake
+        self._answer("GET", self._route_get)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._answer("POST", self._route_post)
+
+    def _answer(self, method: str, route) -> None:
+        """Run one route; a bug in the fake answers 500 instead of killing the connection."""
         path = self._path()
         try:
-            if path == "/_fake/state":
-                self._send_json(200, fake.state())
-            elif path.endswith("/tests"):
-                status, obj = fake._handle_tests(self.headers.get("Authorization"))
-                if status == 0:
-                    self._drop()
-                else:
-                    self._send_json(status, obj)
-            else:
-                self._send_json(404, {"error": f"rota não encontrada: GET {path}"})
+            route(self.server.fake, path)
         except (ConnectionError, TimeoutError):
             raise
         except Exception:  # noqa: BLE001 - a fake must answer, not die
-            log.exception("erro no fake Bemsoft (GET %s)", path)
+            log.exception("erro no fake Bemsoft (%s %s)", method, path)
             self.close_connection = True
             self._send_json(500, {"error": "erro interno do fake"})
 
-    def do_POST(self) -> None:  # noqa: N802
-        fake = self.server.fake
-        path = self._path()
-        try:
-            try:
-                raw = self._read_body()
-            except ValueError as exc:
-                self.close_connection = True
-                self._send_json(413 if "grande" in str(exc) else 400, {"error": str(exc)})
-                return
-            if path.startswith("/_fake/"):
-                status, obj = fake._handle_control(path, raw)
-                self._send_json(status, obj)
-            elif path == fake.endpoint or path.endswith(fake.endpoint):
-                self._post_requests(fake, raw)
+    def _route_get(self, fake: "FakeBemsoft", path: str) -> None:
+        if path == "/_fake/state":
+            self._send_json(200, fake.state())
+        elif path.endswith("/tests"):
+            status, obj = fake._handle_tests(self.headers.get("Authorization"))
+            if status == 0:
+                self._drop()
             else:
-                self._send_json(404, {"error": f"rota não encontrada: POST {path}"})
-        except (ConnectionError, TimeoutError):
-            raise
-        except Exception:  # noqa: BLE001 - a fake must answer, not die
-            log.exception("erro no fake Bemsoft (POST %s)", path)
+                self._send_json(status, obj)
+        else:
+            self._send_json(404, {"error": f"rota não encontrada: GET {path}"})
+
+    def _route_post(self, fake: "FakeBemsoft", path: str) -> None:
+        try:
+            raw = self._read_body()
+        except ValueError as exc:
             self.close_connection = True
-            self._send_json(500, {"error": "erro interno do fake"})
+            self._send_json(413 if "grande" in str(exc) else 400, {"error": str(exc)})
+            return
+        if path.startswith("/_fake/"):
+            status, obj = fake._handle_control(path, raw)
+            self._send_json(status, obj)
+        elif path == fake.endpoint or path.endswith(fake.endpoint):
+            self._post_requests(fake, raw)
+        else:
+            self._send_json(404, {"error": f"rota não encontrada: POST {path}"})
 
     def _post_requests(self, fake: "FakeBemsoft", raw: bytes) -> None:
         result = fake._handle_post(self.headers, raw)
