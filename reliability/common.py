@@ -245,6 +245,15 @@ def pg_problem(admin_url: str = PG_ADMIN_URL) -> str | None:
     return None
 
 
+def pg_unreachable() -> bool:
+    """For the scripts: True (after saying why, on stderr) when PostgreSQL does not answer;
+    they then exit with code 2."""
+    problem = pg_problem()
+    if problem:
+        print(f"PostgreSQL inacessível: {problem}", file=sys.stderr)
+    return problem is not None
+
+
 def failure_files(failed_dir: Path) -> list[dict]:
     """The failure files written by the monitor: path, http_status, reason, item_ids, key."""
     out = []

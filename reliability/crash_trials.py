@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (FakeApiProcess, MonitorProcess, PgDatabase, checkpoint,  # noqa: E402
-                    fake_api_with, failure_files, finish_within, format_table, pg_problem,
+                    fake_api_with, failure_files, finish_within, format_table, pg_unreachable,
                     read_text, seed, sql, temp_dir, verify, write_env)
 
 LOCK_BUSY = 4   # monitor_bemsoft.py exit code: another monitor holds the lock
@@ -244,9 +244,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-body-error-crash", action="store_true",
                         help="não roda o cenário 'kill -9 depois de um 201 com erro'")
     args = parser.parse_args(argv)
-    problem = pg_problem()
-    if problem:
-        print(f"PostgreSQL inacessível: {problem}", file=sys.stderr)
+    if pg_unreachable():
         return 2
 
     rows = []

@@ -52,7 +52,7 @@ from common import (BACK_LINE, DOWN_LINE, CheckpointWatcher, CodAllocator,  # no
                     block_database, checkpoint, count_in_log, format_table,
                     install_session_killer,
                     lab_item_ids, lines_per_fault, session_killer_fired,
-                    log_events, max_order_cod, pg_problem, pg_ready, read_text,
+                    log_events, max_order_cod, pg_unreachable, pg_ready, read_text,
                     restart_postgres, seed, sync_item_sequence, temp_dir, terminate_burst,
                     verify, wait_until, wait_drained, write_env)
 
@@ -97,9 +97,7 @@ class Result:
 
 
 def run(args) -> Result:
-    problem = pg_problem()
-    if problem:
-        print(f"PostgreSQL inacessível: {problem}")
+    if pg_unreachable():
         return Result(2)
     violations: list[str] = []
     work = temp_dir("bm_db_faults_")

@@ -50,7 +50,7 @@ from common import (  # noqa: E402
     lab_item_ids,
     mount_permitted,
     mount_tmpfs,
-    pg_problem,
+    pg_unreachable,
     read_text,
     remount_tmpfs,
     temp_dir,
@@ -255,9 +255,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.bad < 1 or args.good < 1 or args.good + args.bad > 100_000:
         parser.error("--good e --bad: pelo menos 1 de cada")
-    problem = pg_problem()
-    if problem:
-        print(f"PostgreSQL inacessível: {problem}")
+    if pg_unreachable():
         return 2
     can_mount, why = mount_permitted()
     results = []

@@ -57,7 +57,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (FakeApiProcess, MonitorProcess, PgDatabase, fake_api_with,  # noqa: E402
-                    failure_files, finish_within, format_table, pg_problem, read_text, seed, sql,
+                    failure_files, finish_within, format_table, pg_unreachable, read_text, seed, sql,
                     temp_dir, verify, write_env)
 
 CLIENT_TIMEOUT = 2.0          # BEMSOFT_TIMEOUT in these runs
@@ -434,9 +434,7 @@ def main(argv=None) -> int:
     parser.add_argument("--case-timeout", type=float, default=240.0,
                         help="limite de cada execução do monitor (s)")
     args = parser.parse_args(argv)
-    problem = pg_problem()
-    if problem:
-        print(f"PostgreSQL inacessível: {problem}", file=sys.stderr)
+    if pg_unreachable():
         return 2
 
     rows, started = [], time.monotonic()

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (CheckpointWatcher, CodAllocator, FakeApiProcess, MonitorProcess,  # noqa: E402
-                    OrderWriter, PgDatabase, checkpoint, count_in_log, lab_item_ids, pg_problem,
+                    OrderWriter, PgDatabase, checkpoint, count_in_log, lab_item_ids, pg_unreachable,
                     read_text, temp_dir, verify, wait_drained, wait_until, write_env)
 
 STARTED_LINE = "Monitor iniciado"
@@ -48,9 +48,7 @@ def out_of_order(commit_log: list[tuple[float, list[int]]]) -> tuple[int, int]:
 
 
 def run(args) -> int:
-    problem = pg_problem()
-    if problem:
-        print(f"PostgreSQL inacessível: {problem}")
+    if pg_unreachable():
         return 2
     violations: list[str] = []
     work = temp_dir("bm_late_commits_")

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (LAB, FakeApiProcess, MonitorProcess, PgDatabase, checkpoint,  # noqa: E402
-                    failure_files, format_table, pg_problem, read_text, temp_dir, verify,
+                    failure_files, format_table, pg_unreachable, read_text, temp_dir, verify,
                     wait_until, write_env)
 from bemsoft_monitor.sampledata import add_items, add_order, add_patient  # noqa: E402
 
@@ -196,9 +196,7 @@ def main(argv=None) -> int:
                         help="crescimento de RSS aceito depois do aquecimento (MB)")
     parser.add_argument("--seed", type=int, default=23)
     args = parser.parse_args(argv)
-    problem = pg_problem()
-    if problem:
-        print(f"PostgreSQL inacessível: {problem}", file=sys.stderr)
+    if pg_unreachable():
         return 2
     print(f"Soak: {args.minutes:g} min, {args.rate:g} solicitações/s, {args.fault_rate:.0%} de falhas "
           f"transitórias, concorrência {args.concurrency}, monitor em laço", flush=True)

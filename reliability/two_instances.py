@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (MonitorProcess, PgDatabase, checkpoint, FakeApiProcess,  # noqa: E402
-                    failure_files, finish_within, format_table, pg_problem, read_text, seed,
+                    failure_files, finish_within, format_table, pg_unreachable, read_text, seed,
                     temp_dir, verify, wait_until, write_env)
 
 STANDBY = "Outro monitor 'bemsoft' já está ativo"
@@ -152,9 +152,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kill-fraction", type=float, default=0.6,
                         help="a ativa morre depois de POSTar esta fração das solicitações")
     args = parser.parse_args(argv)
-    problem = pg_problem()
-    if problem:
-        print(f"PostgreSQL inacessível: {problem}", file=sys.stderr)
+    if pg_unreachable():
         return 2
     rows = []
     for n in range(1, args.rounds + 1):
