@@ -13,9 +13,9 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from .config import PROJECT_DIR, parse_settings
-from .fakeapi import FakeBemsoft
+from .testing.fakeapi import FakeBemsoft
 from .failures import FailureFileError, FailureStore
-from .sampledata import add_items, add_order, add_patient, create_legacy_schema
+from .testing.sampledata import add_items, add_order, add_patient, create_legacy_schema
 
 log = logging.getLogger(__name__)
 

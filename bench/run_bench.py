@@ -5,8 +5,8 @@ For every run:
 
 * a fresh legacy database (SQLite file in a temp dir, or a throw-away PostgreSQL database
   created and dropped by this script) seeded with N solicitations x M items through
-  `bemsoft_monitor.sampledata` (create_legacy_schema + bulk_orders);
-* the fake Bemsoft API as its own process (`python -m bemsoft_monitor.fakeapi`) with the
+  `bemsoft_monitor.testing.sampledata` (create_legacy_schema + bulk_orders);
+* the fake Bemsoft API as its own process (`python -m bemsoft_monitor.testing.fakeapi`) with the
   chosen latency;
 * an env file in the temp dir and the real monitor as a separate process
   (`python monitor_bemsoft.py --env-file ... --drain`), started with Popen and reaped with
@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 import sqlalchemy as sa
 
 from bemsoft_monitor.config import KNOWN_KEYS
-from bemsoft_monitor.sampledata import bulk_orders, create_legacy_schema
+from bemsoft_monitor.testing.sampledata import bulk_orders, create_legacy_schema
 from bemsoft_monitor.schema import MONITOR_SCHEMA
 from bemsoft_monitor.source import checkpoint_read_statement
 
@@ -228,12 +228,12 @@ def clean_env() -> dict:
 
 
 class FakeApi:
-    """`python -m bemsoft_monitor.fakeapi` in its own process."""
+    """`python -m bemsoft_monitor.testing.fakeapi` in its own process."""
 
     def __init__(self, latency: float, workdir: Path):
         self._stderr = open(workdir / "fakeapi.log", "wb")  # noqa: SIM115 - lives with the fake
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bemsoft_monitor.fakeapi", "--port", "0", "--token", TOKEN,
+            [sys.executable, "-m", "bemsoft_monitor.testing.fakeapi", "--port", "0", "--token", TOKEN,
              "--latency", repr(latency), "--keep-requests", "1000"],
             cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=self._stderr)
         line = self.proc.stdout.readline().decode().strip()

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bemsoft_monitor.sampledata import bulk_orders, create_legacy_schema  # noqa: E402
+from bemsoft_monitor.testing.sampledata import bulk_orders, create_legacy_schema  # noqa: E402
 
 LAB = "DIAGNÓSTICO DO BRASIL - DB"
 TOKEN = "reliability-token"
@@ -67,7 +67,7 @@ class FakeApiProcess:
 
     def __init__(self, latency: float = 0.0, fault_rate: float = 0.0, seed: int | None = None,
                  extra_args: tuple = ()):
-        args = [sys.executable, "-m", "bemsoft_monitor.fakeapi", "--port", "0", "--token", TOKEN,
+        args = [sys.executable, "-m", "bemsoft_monitor.testing.fakeapi", "--port", "0", "--token", TOKEN,
                 "--latency", str(latency), "--keep-requests", "200", *extra_args]
         if fault_rate:
             args += ["--fault-rate", str(fault_rate)]
@@ -314,7 +314,7 @@ import re as _re  # noqa: E402
 import shutil as _shutil  # noqa: E402
 import threading as _threading  # noqa: E402
 
-from bemsoft_monitor.sampledata import add_items, add_order, add_patient  # noqa: E402
+from bemsoft_monitor.testing.sampledata import add_items, add_order, add_patient  # noqa: E402
 from bemsoft_monitor.schema import monitor_metadata  # noqa: E402
 
 ORDER_TIME = _dt.datetime(2026, 11, 28, 8, 0, 0)

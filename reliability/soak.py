@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (LAB, FakeApiProcess, MonitorProcess, PgDatabase, checkpoint,  # noqa: E402
                     failure_files, format_table, pg_unreachable, read_text, temp_dir, verify,
                     wait_until, write_env)
-from bemsoft_monitor.sampledata import add_items, add_order, add_patient  # noqa: E402
+from bemsoft_monitor.testing.sampledata import add_items, add_order, add_patient  # noqa: E402
 
 CODES = ("GLI", "HEMO", "TSH", "URINA1", "CREA", "UREIA")
 

@@ -16,8 +16,8 @@ import sqlalchemy as sa
 from bemsoft_monitor.app import build_monitor
 from bemsoft_monitor.config import parse_settings
 from bemsoft_monitor.db import create_db_engine
-from bemsoft_monitor.fakeapi import FakeBemsoft
-from bemsoft_monitor.sampledata import add_items, add_order, add_patient, create_legacy_schema
+from bemsoft_monitor.testing.fakeapi import FakeBemsoft
+from bemsoft_monitor.testing.sampledata import add_items, add_order, add_patient, create_legacy_schema
 from bemsoft_monitor.schema import legacy_metadata, monitor_metadata
 
 LAB = "DIAGNÓSTICO DO BRASIL - DB"

@@ -14,7 +14,7 @@ import pytest
 import urllib3
 from urllib3.exceptions import ProtocolError
 
-from bemsoft_monitor.fakeapi import FakeBemsoft, validate_payload
+from bemsoft_monitor.testing.fakeapi import FakeBemsoft, validate_payload
 
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
@@ -447,8 +447,8 @@ def test_stop_with_open_keep_alive_connection():
 
 def test_cli_serves_until_sigterm():
     env = dict(os.environ, PYTHONPATH=str(PROJECT_DIR) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "bemsoft_monitor.fakeapi", "--port", "0",
-                             "--token", "T", "--latency", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "bemsoft_monitor.testing.fakeapi",
+                             "--port", "0", "--token", "T", "--latency", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
                             cwd=PROJECT_DIR)
     try:

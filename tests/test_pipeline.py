@@ -280,7 +280,7 @@ def test_late_commit_below_the_checkpoint_is_sent(pg_url, api, settings_factory)
         writer = sa.create_engine(pg_url)
         slow = writer.connect()
         tx = slow.begin()
-        from bemsoft_monitor.sampledata import add_items, add_order, add_patient
+        from bemsoft_monitor.testing.sampledata import add_items, add_order, add_patient
         add_patient(slow, 900, "Paciente Lento", datanasc=dt.datetime(1990, 1, 1), sexo="M")
         add_order(slow, 9, 900, dtaentrada=dt.datetime(2026, 11, 27), hora="09:00")
         late = add_items(slow, 9, [{"CodConvExames": "TSH", "DescExames": "TSH", "Origem": "A"}],

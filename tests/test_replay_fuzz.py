@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from bemsoft_monitor import replay_cli
 from bemsoft_monitor.config import KNOWN_KEYS
-from bemsoft_monitor.fakeapi import FakeBemsoft
+from bemsoft_monitor.testing.fakeapi import FakeBemsoft
 from conftest import LAB, TOKEN, run
 
 GOOD_NAME = "zz_boa.json"

@@ -89,7 +89,7 @@ def test_monitor_table_ddl_for_sql_server():
 @pytest.mark.postgres
 def test_postgres_plan_uses_the_primary_key_index(pg_url):
     """The page query is an index range scan on ItemSol's key, not a full scan."""
-    from bemsoft_monitor.sampledata import bulk_orders
+    from bemsoft_monitor.testing.sampledata import bulk_orders
     engine = sa.create_engine(pg_url)
     source = LegacySource(engine, "bemsoft", [LAB])
     source.ensure_state_tables()

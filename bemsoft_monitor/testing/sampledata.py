@@ -7,7 +7,7 @@ from typing import Iterable, Sequence
 
 import sqlalchemy as sa
 
-from .schema import legacy_metadata
+from ..schema import legacy_metadata
 
 ITEM_SOL = legacy_metadata.tables["ItemSol"]
 SOLICITACAO = legacy_metadata.tables["solicitacao"]

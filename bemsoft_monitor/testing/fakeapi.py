@@ -14,7 +14,7 @@ It reproduces the production behaviour described in SPEC.md §3-§5:
 Faults can be injected at run time, in-process (``fail_next``, ``drop_next``,
 ``timeout_next``, ``fault_rate``, ``set_latency``) or over HTTP through the control
 endpoints ``GET /_fake/state``, ``POST /_fake/faults`` and ``POST /_fake/reset`` when the
-fake runs in another process (``python -m bemsoft_monitor.fakeapi --port 8099``).
+fake runs in another process (``python -m bemsoft_monitor.testing.fakeapi --port 8099``).
 
 Only the standard library is used. The server binds to 127.0.0.1 and nothing else.
 """
@@ -820,7 +820,7 @@ class FakeBemsoft:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bemsoft_monitor.fakeapi",
+        prog="python -m bemsoft_monitor.testing.fakeapi",
         description="API Bemsoft falsa para testes e benchmarks (escuta só em 127.0.0.1).")
     parser.add_argument("--port", type=int, default=0, help="porta (0 = qualquer livre)")
     parser.add_argument("--token", default="test-token", help="token Bearer aceito")
