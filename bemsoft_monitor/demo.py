@@ -13,14 +13,12 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from .config import PROJECT_DIR, parse_settings
-from .testing.fakeapi import FakeBemsoft
 from .failures import FailureFileError, FailureStore
+from .testing.fakeapi import FakeBemsoft
+from .testing.harness import LAB, TOKEN, env_values
 from .testing.sampledata import add_items, add_order, add_patient, create_legacy_schema
 
 log = logging.getLogger(__name__)
-
-LAB = "DIAGNÓSTICO DO BRASIL - DB"
-TOKEN = "demo-token"
 
 
 def seed_first_orders(engine: sa.Engine, day: dt.date) -> None:
@@ -79,21 +77,16 @@ def run_demo(base_dir: Path | None = None, out=None) -> int:
     day = dt.date.today() - dt.timedelta(days=1)
 
     with FakeBemsoft(token=TOKEN) as api:
-        settings = parse_settings({
-            "DATABASE_URL": f"sqlite:///{db_path}",
-            "TERCEIROS": LAB,
-            "BEMSOFT_BASE_URL": api.url,
-            "BEMSOFT_TOKEN": TOKEN,
-            "BEMSOFT_DRY_RUN": "0",
-            "START_FROM": "0",
-            "DEFAULT_BIRTHDATE": "1970-01-01",
-            "FAILED_DIR": str(workdir / "failed_events"),
-            "BEMSOFT_TEST_MAP_PATH": str(workdir / "tests_map.json"),
-            "BEMSOFT_RETRIES": "1",
-            "BEMSOFT_BACKOFF": "0.1",
-            "POLL_SECONDS": "0.2",
-            "LOG_FILE": str(workdir / "demo.log"),
-        }, base_dir=workdir)
+        settings = parse_settings(env_values(
+            f"sqlite:///{db_path}", api.url, workdir,
+            DEFAULT_BIRTHDATE="1970-01-01",
+            FAILED_DIR=workdir / "failed_events",
+            BEMSOFT_TEST_MAP_PATH=workdir / "tests_map.json",
+            BEMSOFT_RETRIES=1,
+            BEMSOFT_BACKOFF=0.1,
+            POLL_SECONDS=0.2,
+            LOG_FILE=workdir / "demo.log",
+        ), base_dir=workdir)
         setup_logging(settings)
         engine = sa.create_engine(settings.database_url)
         create_legacy_schema(engine)

@@ -7,18 +7,15 @@ exactly once). Default: 20,000 and 200,000 items waiting, 4 items per solicitati
 (5,000 and 50,000 solicitations), concurrency 8, 3 repetitions; the report gives the median
 peak RSS of each size and the ratio large/small.
 
-    python bench/memory_bench.py --db postgresql --json bench/results/memory_pg.json
+    python -m bench.memory_bench --db postgresql --json bench/results/memory_pg.json
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import run_bench as rb
+from . import run_bench as rb
 
 TARGET_RSS_MB = 150.0        # 200,000 items waiting: peak RSS at most 150 MB
 TARGET_RSS_GROWTH = 1.10     # ... and no more than 10% above the peak for 20,000 items

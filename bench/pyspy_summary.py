@@ -3,8 +3,8 @@
 inclusive and self share of samples per function, and per pipeline stage.
 
     py-spy record -o /tmp/p.txt --format raw --rate 250 -- python monitor_bemsoft.py ...
-    # or: python bench/run_bench.py ... --wrap "py-spy record -o /tmp/p.txt --format raw --"
-    python bench/pyspy_summary.py /tmp/p.txt --top 25
+    # or: python -m bench.run_bench ... --wrap "py-spy record -o /tmp/p.txt --format raw --"
+    python -m bench.pyspy_summary /tmp/p.txt --top 25
 """
 from __future__ import annotations
 

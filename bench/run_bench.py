@@ -6,8 +6,8 @@ For every run:
 * a fresh legacy database (SQLite file in a temp dir, or a throw-away PostgreSQL database
   created and dropped by this script) seeded with N solicitations x M items through
   `bemsoft_monitor.testing.sampledata` (create_legacy_schema + bulk_orders);
-* the fake Bemsoft API as its own process (`python -m bemsoft_monitor.testing.fakeapi`) with the
-  chosen latency;
+* the fake Bemsoft API as its own process (`python -m bemsoft_monitor.testing.fakeapi`) with
+  the chosen latency;
 * an env file in the temp dir and the real monitor as a separate process
   (`python monitor_bemsoft.py --env-file ... --drain`), started with Popen and reaped with
   os.wait4() so that CPU time (ru_utime + ru_stime) and peak RSS (ru_maxrss) are the
@@ -21,7 +21,7 @@ For every run:
 The chosen concurrency and concurrency 1 (unless --no-baseline) run alternately in the same
 invocation, --repeat times; the report shows every run and the medians.
 
-    python bench/run_bench.py --db postgresql --solicitations 5000 --items 3 \
+    python -m bench.run_bench --db postgresql --solicitations 5000 --items 3 \
         --latency 0.02 --concurrency 8 --repeat 3 --json bench/results/latency.json
 """
 from __future__ import annotations
@@ -34,32 +34,24 @@ import platform
 import re
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 import sqlalchemy as sa
 
-from bemsoft_monitor.config import KNOWN_KEYS
+from bemsoft_monitor.config import PROJECT_DIR as ROOT
+from bemsoft_monitor.testing.harness import (LAB, MONITOR_SCRIPT, PG_ADMIN_URL, FakeApiProcess,
+                                             PgDatabase, delivery_report, failure_item_ids,
+                                             monitor_command, read_checkpoint, subprocess_env,
+                                             write_env)
 from bemsoft_monitor.testing.sampledata import bulk_orders, create_legacy_schema
-from bemsoft_monitor.schema import MONITOR_SCHEMA
-from bemsoft_monitor.source import checkpoint_read_statement
 
-MONITOR_SCRIPT = ROOT / "monitor_bemsoft.py"
-DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-LAB = "LAB BENCH"
-TOKEN = "bench-token"
-MONITOR_NAME = "bemsoft"
+DEFAULT_PG_URL = PG_ADMIN_URL
 
 # Targets of the "Performance" issue (2-core machine).
 TARGET_SPEEDUP = 6.0          # concurrency C at least 6x faster than concurrency 1
@@ -142,18 +134,12 @@ class BenchDatabase:
 
     def __init__(self, kind: str, workdir: Path, pg_url: str = DEFAULT_PG_URL):
         self.kind = kind
-        self._admin = None
-        self._dbname = None
+        self._pg = None
         if kind == "sqlite":
             self.url = f"sqlite:///{workdir / 'legacy.db'}"
         elif kind == "postgresql":
-            base = sa.engine.make_url(pg_url)
-            self._dbname = f"bench_{uuid.uuid4().hex[:12]}"
-            self._admin = sa.create_engine(base, isolation_level="AUTOCOMMIT",
-                                           poolclass=sa.pool.NullPool)
-            with self._admin.connect() as conn:
-                conn.execute(sa.text(f'CREATE DATABASE "{self._dbname}"'))
-            self.url = base.set(database=self._dbname).render_as_string(hide_password=False)
+            self._pg = PgDatabase("bench", admin_url=pg_url, legacy_schema=False)
+            self.url = self._pg.create()
         else:
             raise ValueError(kind)
 
@@ -188,22 +174,18 @@ class BenchDatabase:
         return None
 
     def checkpoint_and_max(self) -> tuple[int | None, int]:
-        engine = sa.create_engine(self.url, poolclass=sa.pool.NullPool).execution_options(
-            schema_translate_map={MONITOR_SCHEMA: None})
+        engine = sa.create_engine(self.url, poolclass=sa.pool.NullPool)
         try:
             with engine.connect() as conn:
-                checkpoint = conn.execute(checkpoint_read_statement(MONITOR_NAME)).scalar()
                 max_item = conn.execute(sa.text('SELECT MAX("CodItemSol") FROM "ItemSol"')).scalar()
+            return read_checkpoint(engine), int(max_item or 0)
         finally:
             engine.dispose()
-        return (None if checkpoint is None else int(checkpoint)), int(max_item or 0)
 
     def close(self) -> None:
-        if self._admin is not None:
-            with self._admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{self._dbname}" WITH (FORCE)'))
-            self._admin.dispose()
-            self._admin = None
+        if self._pg is not None:
+            self._pg.drop()
+            self._pg = None
 
 
 def postgres_version(pg_url: str = DEFAULT_PG_URL) -> str | None:
@@ -221,68 +203,9 @@ def postgres_version(pg_url: str = DEFAULT_PG_URL) -> str | None:
 
 def clean_env() -> dict:
     """The process environment without any key the monitor reads (the env file decides)."""
-    env = {k: v for k, v in os.environ.items() if k not in KNOWN_KEYS}
-    env["PYTHONUNBUFFERED"] = "1"
+    env = subprocess_env()
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
-
-
-class FakeApi:
-    """`python -m bemsoft_monitor.testing.fakeapi` in its own process."""
-
-    def __init__(self, latency: float, workdir: Path):
-        self._stderr = open(workdir / "fakeapi.log", "wb")  # noqa: SIM115 - lives with the fake
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bemsoft_monitor.testing.fakeapi", "--port", "0", "--token", TOKEN,
-             "--latency", repr(latency), "--keep-requests", "1000"],
-            cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=self._stderr)
-        line = self.proc.stdout.readline().decode().strip()
-        if not line.startswith("http"):
-            self.stop()
-            raise BenchError(f"a API falsa não iniciou (saída: {line!r}); veja {workdir}/fakeapi.log")
-        self.url = line.rstrip("/")
-        self.cpu_s: float | None = None
-
-    def state(self) -> dict:
-        with urllib.request.urlopen(f"{self.url}/_fake/state", timeout=60) as resp:
-            return json.loads(resp.read())
-
-    def stop(self) -> None:
-        if self.proc.returncode is None:
-            try:
-                self.proc.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                _, status, usage = os.wait4(self.proc.pid, 0)
-                self.proc.returncode = os.waitstatus_to_exitcode(status)
-                self.cpu_s = usage.ru_utime + usage.ru_stime
-            except ChildProcessError:
-                pass
-        if self.proc.stdout:
-            self.proc.stdout.close()
-        self._stderr.close()
-
-
-def write_env(path: Path, *, url: str, api: str, concurrency: int, batch_size: int,
-              log_level: str, failed_dir: Path, poll_seconds: float | None) -> None:
-    lines = {
-        "DATABASE_URL": url,
-        "TERCEIROS": LAB,
-        "BEMSOFT_BASE_URL": api,
-        "BEMSOFT_TOKEN": TOKEN,
-        "BEMSOFT_DRY_RUN": "0",
-        "START_FROM": "0",
-        "BATCH_SIZE": str(batch_size),
-        "BEMSOFT_CONCURRENCY": str(concurrency),
-        "MONITOR_NAME": MONITOR_NAME,
-        "LOG_LEVEL": log_level,
-        "LOG_FILE": "-",
-        "FAILED_DIR": str(failed_dir),
-    }
-    if poll_seconds:
-        lines["POLL_SECONDS"] = repr(poll_seconds)
-    path.write_text("".join(f"{k}={v}\n" for k, v in lines.items()), encoding="utf-8")
 
 
 def _log_time(line: str) -> float | None:
@@ -381,10 +304,9 @@ class Spawner:
 
 
 def run_monitor(env_file: Path, log_path: Path, wrap: list[str] | None, cprofile: str | None) -> dict:
-    command = [sys.executable]
+    command = monitor_command(env_file, "--drain")
     if cprofile:
-        command += ["-m", "cProfile", "-o", cprofile]
-    command += [str(MONITOR_SCRIPT), "--env-file", str(env_file), "--drain"]
+        command[1:1] = ["-m", "cProfile", "-o", cprofile]
     if wrap:
         command = wrap + command
     return Spawner.get().run(command, log_path)
@@ -405,11 +327,14 @@ def one_run(args, concurrency: int, repeat: int, *, solicitations: int | None = 
         seed_started = time.perf_counter()
         expected_items = db.seed(n, m)
         seed_s = time.perf_counter() - seed_started
-        fake = FakeApi(lat, workdir)
-        env_file = workdir / "bench.env"
-        write_env(env_file, url=db.url, api=fake.url, concurrency=concurrency,
-                  batch_size=args.batch_size, log_level=args.log_level,
-                  failed_dir=workdir / "failed", poll_seconds=args.poll_seconds)
+        try:
+            fake = FakeApiProcess(latency=lat, keep_requests=1000, log=workdir / "fakeapi.log")
+        except RuntimeError as err:
+            raise BenchError(str(err)) from err
+        env_file = write_env(workdir, db.url, fake.url, BATCH_SIZE=args.batch_size,
+                             BEMSOFT_CONCURRENCY=concurrency, LOG_LEVEL=args.log_level,
+                             LOG_FILE="-", **({"POLL_SECONDS": repr(args.poll_seconds)}
+                                              if args.poll_seconds else {}))
         log_path = workdir / "monitor.log"
         wrap = shlex.split(args.wrap) if args.wrap else None
         cprofile = None
@@ -457,33 +382,20 @@ def one_run(args, concurrency: int, repeat: int, *, solicitations: int | None = 
 
 def verify(result: RunResult, state: dict, expected_items: int, workdir: Path,
            checkpoint: int | None) -> None:
+    """Each of the N x M items stored exactly once (harness.delivery_report, no failure
+    file), one POST per solicitation, a clean exit; BenchError otherwise."""
     n, m = result.solicitations, result.items
     problems = []
     if result.exit_code != 0:
         problems.append(f"o monitor saiu com código {result.exit_code}")
     if expected_items != n * m:
         problems.append(f"semeados {expected_items} itens, esperados {n * m}")
-    if result.stored_tests != n * m:
-        problems.append(f"a API falsa guardou {result.stored_tests} testes, esperados {n * m}")
-    tests = state.get("tests") or {}
-    expected = {f"item-{i}" for i in range(1, n * m + 1)}
-    if set(tests) != expected:
-        missing = sorted(expected - set(tests), key=lambda s: int(s.split("-")[1]))
-        extra = sorted(set(tests) - expected)
-        problems.append(f"itens faltando: {len(missing)} (ex.: {missing[:5]}); "
-                        f"inesperados: {len(extra)} (ex.: {extra[:5]})")
-    duplicates = state.get("duplicates") or []
-    if duplicates:
-        problems.append(f"{len(duplicates)} itens guardados mais de uma vez (ex.: {duplicates[:5]})")
+    report = delivery_report(state, range(1, n * m + 1), failure_item_ids(workdir / "failed"),
+                             checkpoint)
+    problems += report["problems"]
     if result.posts != n:
         problems.append(f"{result.posts} POSTs para {n} solicitações "
                         f"(por status: {state.get('posts_by_status')})")
-    failed = list((workdir / "failed").glob("*.json")) if (workdir / "failed").is_dir() else []
-    if failed:
-        problems.append(f"{len(failed)} arquivos de falha em FAILED_DIR")
-    if checkpoint != result.max_item:
-        problems.append(f"checkpoint em _MonitorState = {checkpoint}, "
-                        f"maior CodItemSol = {result.max_item}")
     if problems:
         raise BenchError(f"execução inválida (concorrência {result.concurrency}, repetição "
                          f"{result.repeat}): " + "; ".join(problems)

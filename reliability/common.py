@@ -1,7 +1,9 @@
-"""Shared pieces of the reliability scenarios: a throw-away PostgreSQL database with the
-legacy schema, the fake Bemsoft API in its own process, the real monitor in its own process,
-and the final check that every item arrived exactly once.
+"""Shared pieces of the reliability scenarios. What every driver of the monitor needs (the
+throw-away PostgreSQL database, the fake Bemsoft API in its own process, the `.env` recipe,
+the checkpoint read, the exactly-once check) comes from bemsoft_monitor.testing.harness;
+here: the real monitor in its own process, seeding, and the faults the scenarios inject.
 
+Run the scenarios as modules from the project root: `python -m reliability.<cenário>`.
 Only loopback addresses are used. Every loop here is bounded in count and time."""
 from __future__ import annotations
 
@@ -12,44 +14,21 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import sqlalchemy as sa
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bemsoft_monitor.config import PROJECT_DIR
+from bemsoft_monitor.testing import harness
+from bemsoft_monitor.testing.harness import (LAB, PG_ADMIN_URL, TOKEN, FakeApiProcess,  # noqa: F401
+                                             PgDatabase, failure_item_ids, verify, wait_until)
+from bemsoft_monitor.testing.harness import read_checkpoint as checkpoint  # noqa: F401
+from bemsoft_monitor.testing.sampledata import add_items, add_order, add_patient, bulk_orders
 
-from bemsoft_monitor.testing.sampledata import bulk_orders, create_legacy_schema  # noqa: E402
-
-LAB = "DIAGNÓSTICO DO BRASIL - DB"
-TOKEN = "reliability-token"
-PG_ADMIN_URL = os.environ.get("TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-
-
-class PgDatabase:
-    """`with PgDatabase() as url:` a fresh database with the legacy schema, dropped after."""
-
-    def __init__(self, admin_url: str = PG_ADMIN_URL):
-        self.admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-        self.name = f"bm_rel_{uuid.uuid4().hex[:10]}"
-        self.url = sa.engine.make_url(admin_url).set(database=self.name).render_as_string(
-            hide_password=False)
-
-    def __enter__(self) -> str:
-        with self.admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{self.name}"'))
-        engine = sa.create_engine(self.url)
-        create_legacy_schema(engine)
-        engine.dispose()
-        return self.url
-
-    def __exit__(self, *exc):
-        with self.admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
-        self.admin.dispose()
+# the monitor's settings in every scenario (each adds its own on top)
+SCENARIO_SETTINGS = {"POLL_SECONDS": "0.2", "BEMSOFT_RETRIES": "2", "BEMSOFT_BACKOFF": "0.05",
+                     "BEMSOFT_MAX_BACKOFF": "2", "BEMSOFT_TIMEOUT": "5", "LOG_LEVEL": "INFO"}
 
 
 def seed(url: str, solicitations: int, items: int, first_cod: int = 1) -> list[int]:
@@ -62,63 +41,9 @@ def seed(url: str, solicitations: int, items: int, first_cod: int = 1) -> list[i
     return list(range(before + 1, before + solicitations * items + 1))
 
 
-class FakeApiProcess:
-    """The project's fake Bemsoft API in its own process (so the monitor's CPU is its own)."""
-
-    def __init__(self, latency: float = 0.0, fault_rate: float = 0.0, seed: int | None = None,
-                 extra_args: tuple = ()):
-        args = [sys.executable, "-m", "bemsoft_monitor.testing.fakeapi", "--port", "0", "--token", TOKEN,
-                "--latency", str(latency), "--keep-requests", "200", *extra_args]
-        if fault_rate:
-            args += ["--fault-rate", str(fault_rate)]
-        if seed is not None:
-            args += ["--seed", str(seed)]
-        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        self.url = self.proc.stdout.readline().strip()
-        if not self.url.startswith("http://127.0.0.1:"):
-            self.proc.kill()
-            raise RuntimeError(f"fake API did not start: {self.url!r}")
-
-    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.load(resp)
-
-    def state(self) -> dict:
-        return self._call("GET", "/_fake/state")
-
-    def faults(self, **options) -> dict:
-        return self._call("POST", "/_fake/faults", options)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
-
 def write_env(directory: Path, db_url: str, api_url: str, **overrides) -> Path:
-    values = {
-        "DATABASE_URL": db_url, "TERCEIROS": LAB, "BEMSOFT_BASE_URL": api_url,
-        "BEMSOFT_TOKEN": TOKEN, "BEMSOFT_DRY_RUN": "0", "START_FROM": "0",
-        "FAILED_DIR": str(directory / "failed"), "LOG_FILE": str(directory / "monitor.log"),
-        "POLL_SECONDS": "0.2", "BEMSOFT_RETRIES": "2", "BEMSOFT_BACKOFF": "0.05",
-        "BEMSOFT_MAX_BACKOFF": "2", "BEMSOFT_TIMEOUT": "5", "LOG_LEVEL": "INFO",
-    }
-    values.update({k: str(v) for k, v in overrides.items()})
-    path = directory / "monitor.env"
-    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()), encoding="utf-8")
-    return path
+    """harness.write_env with SCENARIO_SETTINGS under `overrides`."""
+    return harness.write_env(directory, db_url, api_url, **{**SCENARIO_SETTINGS, **overrides})
 
 
 @dataclass
@@ -132,9 +57,9 @@ class MonitorProcess:
     def __post_init__(self):
         self.output = self.output or self.env_file.parent / "monitor.out"
         self._out = open(self.output, "a", encoding="utf-8")
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "monitor_bemsoft.py"),
-                                      "--env-file", str(self.env_file), *self.args],
-                                     cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(harness.monitor_command(self.env_file, *self.args),
+                                     cwd=PROJECT_DIR, env=harness.subprocess_env(),
+                                     stdout=self._out, stderr=subprocess.STDOUT)
 
     @property
     def pid(self) -> int:
@@ -175,55 +100,8 @@ class MonitorProcess:
         return 0.0
 
 
-def checkpoint(db_url: str, name: str = "bemsoft") -> int | None:
-    engine = sa.create_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            return conn.execute(sa.text('SELECT "LastItemId" FROM "_MonitorState" WHERE "Name" = :n'),
-                                {"n": name}).scalar()
-    except sa.exc.ProgrammingError:
-        return None
-    finally:
-        engine.dispose()
-
-
-def failure_item_ids(failed_dir: Path) -> list[int]:
-    ids = []
-    for path in sorted(Path(failed_dir).glob("*.json")):
-        ids += json.loads(path.read_text(encoding="utf-8"))["item_ids"]
-    return ids
-
-
-def verify(api: FakeApiProcess, db_url: str, item_ids: list[int], failed_dir: Path,
-           expect_failures: bool = False) -> dict:
-    """Every item stored once or (when allowed) in a failure file; never lost, never twice."""
-    state = api.state()
-    stored = {int(k[5:]): v for k, v in state["tests"].items()}
-    failed = failure_item_ids(failed_dir)
-    missing = sorted(set(item_ids) - set(stored) - set(failed))
-    duplicates = sorted(i for i, n in stored.items() if n > 1)
-    both = sorted(set(stored) & set(failed))
-    report = {"items": len(item_ids), "stored": len(stored), "duplicates": duplicates,
-              "missing": missing, "failure_files_items": len(failed), "stored_and_failed": both,
-              "checkpoint": checkpoint(db_url), "last_id": max(item_ids) if item_ids else None,
-              "posts_by_status": state.get("posts_by_status", {})}
-    report["ok"] = (not missing and not duplicates and not both
-                    and (expect_failures or not failed)
-                    and report["checkpoint"] == report["last_id"])
-    return report
-
-
 def temp_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 # ---------------------------------------------------------------------------------------
@@ -314,7 +192,6 @@ import re as _re  # noqa: E402
 import shutil as _shutil  # noqa: E402
 import threading as _threading  # noqa: E402
 
-from bemsoft_monitor.testing.sampledata import add_items, add_order, add_patient  # noqa: E402
 from bemsoft_monitor.schema import monitor_metadata  # noqa: E402
 
 ORDER_TIME = _dt.datetime(2026, 11, 28, 8, 0, 0)
@@ -344,8 +221,7 @@ def pg_ready(timeout: float = 2.0) -> bool:
 def terminate_backends(db_url: str, admin_url: str = PG_ADMIN_URL) -> int:
     """pg_terminate_backend for every session of the test database (the monitor's pool, its
     lock connection, writers); returns how many were terminated. Never touches other databases."""
-    engine = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT",
-                              connect_args={"connect_timeout": 5})
+    engine = harness.admin_engine(admin_url)
     try:
         with engine.connect() as conn:
             return int(conn.execute(sa.text(
@@ -764,8 +640,7 @@ def block_database(db_url: str, seconds: float, admin_url: str = PG_ADMIN_URL) -
     its sessions, keep it closed for `seconds`, open it again (always). Returns the sessions
     terminated. Other databases on the server are not touched."""
     name = database_name(db_url)
-    engine = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT",
-                              connect_args={"connect_timeout": 5})
+    engine = harness.admin_engine(admin_url)
     try:
         with engine.connect() as conn:
             conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))

@@ -22,7 +22,7 @@ erro no corpo" (nada salvo, chave lembrada) e o monitor morre logo em seguida; n
 reenvio com a mesma chave recebe 409 e NÃO pode ser contado como entregue (até b227f49 era:
 itens perdidos; corrigido em 3787e23, a falha é gravada assim que a resposta chega).
 
-Uso: python reliability/crash_trials.py [--solicitations 2000] [--kills 50] [--concurrency 1 4]
+Uso: python -m reliability.crash_trials [--solicitations 2000] [--kills 50] [--concurrency 1 4]
 Sai com código 1 em qualquer violação.
 """
 from __future__ import annotations
@@ -31,11 +31,8 @@ import argparse
 import random
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (FakeApiProcess, MonitorProcess, PgDatabase, checkpoint,  # noqa: E402
+from .common import (FakeApiProcess, MonitorProcess, PgDatabase, checkpoint,
                     fake_api_with, failure_files, finish_within, format_table, pg_unreachable,
                     read_text, seed, sql, temp_dir, verify, write_env)
 
@@ -122,15 +119,7 @@ def run_trials(concurrency: int, solicitations: int = 2000, items: int = 2, kill
             "seconds": round(time.monotonic() - started, 1),
         })
         created = report["posts_by_status"].get("201", 0)
-        if report["missing"]:
-            stats["problems"].append(f"{len(report['missing'])} itens perdidos: {report['missing'][:10]}")
-        if report["duplicates"]:
-            stats["problems"].append(f"{len(report['duplicates'])} itens em dobro: "
-                                     f"{report['duplicates'][:10]}")
-        if report["checkpoint"] != last_id:
-            stats["problems"].append(f"checkpoint {report['checkpoint']} != último item {last_id}")
-        if stats["failure_files"]:
-            stats["problems"].append(f"{stats['failure_files']} arquivos de falha (esperado 0)")
+        stats["problems"] += report["problems"]
         if created != solicitations:
             stats["problems"].append(f"{created} POSTs 201 para {solicitations} solicitações")
         if sending_left:

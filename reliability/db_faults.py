@@ -29,7 +29,7 @@ pela API), nenhum arquivo de falha, checkpoint == último CodItemSol; e em nenhu
 checkpoint passa de um item sem resultado registrado (amostrado a cada 0,2 s numa única
 leitura consistente do banco).
 
-Uso: python reliability/db_faults.py [--solicitations 6000] [--items 2] [--kills 5]
+Uso: python -m reliability.db_faults [--solicitations 6000] [--items 2] [--kills 5]
      [--restarts 1] [--outages 1] [--outage-seconds 8] [--kill-in-record 1]
      [--kill-in-sending 0] [--interval 2]
      [--kill-burst 0.5] [--latency 0.01]
@@ -43,11 +43,8 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (BACK_LINE, DOWN_LINE, CheckpointWatcher, CodAllocator,  # noqa: E402
+from .common import (BACK_LINE, DOWN_LINE, CheckpointWatcher, CodAllocator,
                     FakeApiProcess, MonitorProcess, OrderWriter, PgDatabase, arm_session_killer,
                     block_database, checkpoint, count_in_log, format_table,
                     install_session_killer,

@@ -21,7 +21,7 @@ cuja falha não foi gravada; consertado o disco, os arquivos de falha aparecem (
 com o motivo) e o checkpoint chega ao último CodItemSol; nada perdido nem repetido. Tudo que
 é montado é desmontado no fim (try/finally).
 
-Uso: python reliability/disk_faults.py [--good 60] [--bad 3] [--items 2]
+Uso: python -m reliability.disk_faults [--good 60] [--bad 3] [--items 2]
      [--fault-seconds 5] [--modes unwritable full readonly]
 Sai com código 1 se qualquer verificação falhar (2 se o PostgreSQL estiver inacessível).
 """
@@ -35,10 +35,9 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sqlalchemy as sa
 
-import sqlalchemy as sa  # noqa: E402
-from common import (  # noqa: E402
+from .common import (
     CheckpointWatcher,
     FakeApiProcess,
     MonitorProcess,

@@ -40,7 +40,7 @@ Como cada falha é injetada (POST /_fake/faults na API falsa):
   agendadas durante o envio, 400, queda de conexão, 401, 429 com Retry-After, 201 com erro, um
   trecho lento, 503 e por último um timeout.
 
-Uso: python reliability/fault_matrix.py [--solicitations 100] [--items 2] [--concurrency 1 4]
+Uso: python -m reliability.fault_matrix [--solicitations 100] [--items 2] [--concurrency 1 4]
      [--faults 400 503 ...] [--seed 7]
 Sai com código 1 se qualquer caso violar o esperado.
 """
@@ -54,9 +54,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (FakeApiProcess, MonitorProcess, PgDatabase, fake_api_with,  # noqa: E402
+from .common import (FakeApiProcess, MonitorProcess, PgDatabase, checkpoint, fake_api_with,
                     failure_files, finish_within, format_table, pg_unreachable, read_text, seed, sql,
                     temp_dir, verify, write_env)
 
@@ -255,7 +253,6 @@ def case_bad_token(case: Case) -> None:
                "token errado não deveria gerar arquivo de falha (o catálogo nem carrega)")
     case.check("HTTP 401" in output and "BEMSOFT_TOKEN" in output,
                "o log deveria dizer que a API recusou o token (HTTP 401, BEMSOFT_TOKEN)")
-    from common import checkpoint
     cp = checkpoint(case.url)
     case.check(cp in (None, 0), f"checkpoint não pode andar sem entrega: {cp}")
     case.notes.append(f"token errado: {state['tests_calls']} GET /tests com 401, 0 POST, "
@@ -367,15 +364,7 @@ def _evaluate(case: Case) -> dict:
     report = verify(case.api, case.url, case.ids, failed_dir, expect_failures=expect_failures)
     files = failure_files(failed_dir)
     statuses = sorted((f["http_status"] for f in files), key=str)
-    if report["missing"]:
-        case.problems.append(f"{len(report['missing'])} itens perdidos: {report['missing'][:10]}")
-    if report["duplicates"]:
-        case.problems.append(f"{len(report['duplicates'])} itens guardados em dobro: "
-                             f"{report['duplicates'][:10]}")
-    if report["stored_and_failed"]:
-        case.problems.append(f"itens entregues E em arquivo de falha: {report['stored_and_failed'][:10]}")
-    if report["checkpoint"] != report["last_id"]:
-        case.problems.append(f"checkpoint {report['checkpoint']} != último item {report['last_id']}")
+    case.problems += report["problems"]
     if case.expected_statuses == ["qualquer"]:
         if len(files) != 1:
             case.problems.append(f"esperado 1 arquivo de falha (qualquer status), há {len(files)}")

@@ -13,7 +13,7 @@ exatamente uma vez (nada perdido, nada repetido), nenhum arquivo de falha, check
 janela LOOKBACK_ITEMS em poucos segundos (`--grace`), nunca fica esquecido. Com
 `--debounce N` (DEBOUNCE_SECONDS) vale o mesmo: segurar não é pular.
 
-Uso: python reliability/late_commits.py [--minutes 3] [--writers 4] [--hold-max 2]
+Uso: python -m reliability.late_commits [--minutes 3] [--writers 4] [--hold-max 2]
      [--debounce 0] [--append-fraction 0.2] [--grace 10]
 Sai com código 1 se qualquer verificação falhar (2 se o PostgreSQL estiver inacessível).
 """
@@ -23,11 +23,8 @@ import argparse
 import shutil
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (CheckpointWatcher, CodAllocator, FakeApiProcess, MonitorProcess,  # noqa: E402
+from .common import (CheckpointWatcher, CodAllocator, FakeApiProcess, MonitorProcess,
                     OrderWriter, PgDatabase, checkpoint, count_in_log, lab_item_ids, pg_unreachable,
                     read_text, temp_dir, verify, wait_drained, wait_until, write_env)
 

@@ -8,7 +8,7 @@ espera-se a fila esvaziar e confere-se: nenhum item perdido, nenhum em dobro, ch
 último item, nenhum arquivo de falha, memória estável (crescimento depois do aquecimento
 abaixo de --max-rss-growth-mb).
 
-Uso: python reliability/soak.py [--minutes 30] [--rate 5] [--fault-rate 0.01]
+Uso: python -m reliability.soak [--minutes 30] [--rate 5] [--fault-rate 0.01]
 Sai com código 1 em qualquer violação.
 """
 from __future__ import annotations
@@ -19,16 +19,14 @@ import random
 import sys
 import threading
 import time
-from pathlib import Path
 
 import sqlalchemy as sa
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bemsoft_monitor.testing.sampledata import add_items, add_order, add_patient
 
-from common import (LAB, FakeApiProcess, MonitorProcess, PgDatabase, checkpoint,  # noqa: E402
+from .common import (LAB, FakeApiProcess, MonitorProcess, PgDatabase, checkpoint,
                     failure_files, format_table, pg_unreachable, read_text, temp_dir, verify,
                     wait_until, write_env)
-from bemsoft_monitor.testing.sampledata import add_items, add_order, add_patient  # noqa: E402
 
 CODES = ("GLI", "HEMO", "TSH", "URINA1", "CREA", "UREIA")
 
@@ -150,12 +148,7 @@ def run_soak(minutes: float = 30.0, rate: float = 5.0, fault_rate: float = 0.01,
         total = inserted_at - started + drain_s
         result["orders_per_s"] = round(writer.orders / max(total, 1e-9), 2)
         result["items_per_s"] = round(report["stored"] / max(total, 1e-9), 2)
-        if report["missing"]:
-            problems.append(f"{len(report['missing'])} itens perdidos: {report['missing'][:10]}")
-        if report["duplicates"]:
-            problems.append(f"{len(report['duplicates'])} itens em dobro: {report['duplicates'][:10]}")
-        if report["checkpoint"] != report["last_id"]:
-            problems.append(f"checkpoint {report['checkpoint']} != último item {report['last_id']}")
+        problems += report["problems"]
         if files:
             problems.append(f"{len(files)} arquivos de falha (esperado 0): "
                             f"{[f['reason'][:80] for f in files[:3]]}")

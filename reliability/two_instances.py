@@ -10,7 +10,7 @@ com a mesma chave -> 409), checkpoint == último item, nenhum arquivo de falha.
 Mede quanto tempo a reserva levou para assumir (do kill até "Bloqueio obtido" e até a
 primeira entrega dela).
 
-Uso: python reliability/two_instances.py [--solicitations 600] [--rounds 3]
+Uso: python -m reliability.two_instances [--solicitations 600] [--rounds 3]
 Sai com código 1 em qualquer violação.
 """
 from __future__ import annotations
@@ -19,11 +19,8 @@ import argparse
 import re
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (MonitorProcess, PgDatabase, checkpoint, FakeApiProcess,  # noqa: E402
+from .common import (MonitorProcess, PgDatabase, checkpoint, FakeApiProcess,
                     failure_files, finish_within, format_table, pg_unreachable, read_text, seed,
                     temp_dir, verify, wait_until, write_env)
 

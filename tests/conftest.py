@@ -3,27 +3,22 @@ project's fake Bemsoft API on 127.0.0.1, and settings/monitor factories."""
 from __future__ import annotations
 
 import datetime as dt
-import os
 import subprocess
 import sys
 import threading
-import uuid
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from bemsoft_monitor.app import build_monitor
-from bemsoft_monitor.config import parse_settings
+from bemsoft_monitor.config import PROJECT_DIR, parse_settings
 from bemsoft_monitor.db import create_db_engine
-from bemsoft_monitor.testing.fakeapi import FakeBemsoft
-from bemsoft_monitor.testing.sampledata import add_items, add_order, add_patient, create_legacy_schema
 from bemsoft_monitor.schema import legacy_metadata, monitor_metadata
-
-LAB = "DIAGNÓSTICO DO BRASIL - DB"
-TOKEN = "test-token-SECRET-123"
-PG_ADMIN_URL = os.environ.get("TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-IN_CI = os.environ.get("CI", "").lower() == "true"
+from bemsoft_monitor.testing.fakeapi import FakeBemsoft
+from bemsoft_monitor.testing.harness import (IN_CI, LAB, TOKEN, PgDatabase, PostgresUnavailable,
+                                             env_values, read_checkpoint, subprocess_env,
+                                             write_env)
+from bemsoft_monitor.testing.sampledata import add_items, add_order, add_patient, create_legacy_schema
 
 
 def pg_unavailable(reason: str):
@@ -36,19 +31,13 @@ def pg_unavailable(reason: str):
 @pytest.fixture(scope="session")
 def pg_database_url():
     """A throw-away PostgreSQL database for this test session."""
+    database = PgDatabase("bm_test", legacy_schema=False)
     try:
-        admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT",
-                                 connect_args={"connect_timeout": 5})
-        name = f"bm_test_{uuid.uuid4().hex[:10]}"
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    except Exception as err:  # driver missing or server down: same treatment
-        pg_unavailable(str(err).splitlines()[0])
-    url = sa.engine.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+        url = database.create()
+    except PostgresUnavailable as err:
+        pg_unavailable(str(err))
     yield url
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    database.drop()
 
 
 def _fresh_schema(engine: sa.Engine) -> None:
@@ -87,22 +76,14 @@ def api():
 @pytest.fixture
 def settings_factory(tmp_path, api):
     def make(db_url: str, **overrides):
-        values = {
-            "DATABASE_URL": db_url,
-            "TERCEIROS": LAB,
-            "BEMSOFT_BASE_URL": api.url,
-            "BEMSOFT_TOKEN": TOKEN,
-            "BEMSOFT_DRY_RUN": "0",
-            "START_FROM": "0",
-            "FAILED_DIR": str(tmp_path / "failed"),
+        values = env_values(db_url, api.url, tmp_path, **{
             "BEMSOFT_RETRIES": "1",
             "BEMSOFT_BACKOFF": "0.01",
             "BEMSOFT_TIMEOUT": "5",
             "POLL_SECONDS": "0.1",
             "LOG_FILE": "-",
             "BEMSOFT_CONCURRENCY": "1",
-        }
-        values.update({k: str(v) for k, v in overrides.items()})
+            **overrides})
         return parse_settings(values, base_dir=tmp_path)
     return make
 
@@ -155,9 +136,7 @@ class Harness:
                              entered_at=entered_at or dt.datetime(2026, 11, 27, 8, 31))
 
     def checkpoint(self, name="bemsoft"):
-        with self.engine.connect() as conn:
-            return conn.execute(sa.text('SELECT "LastItemId" FROM "_MonitorState" WHERE "Name" = :n'),
-                                {"n": name}).scalar()
+        return read_checkpoint(self.engine, name)
 
     def close(self):
         for monitor in self.monitors:
@@ -173,34 +152,20 @@ def harness(db_url, api, settings_factory):
 
 
 # ------------------------------------------------------------------ driving the CLIs
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = PROJECT_DIR
 
 
 def run(*args, timeout=60, **kwargs):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BEMSOFT_", "DB_", "DATABASE_"))}
-    env["PYTHONUNBUFFERED"] = "1"
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env, **kwargs)
+                          timeout=timeout, env=subprocess_env(), **kwargs)
 
 
 @pytest.fixture
 def env_file(tmp_path, api):
     db = tmp_path / "legado.db"
     create_legacy_schema(sa.create_engine(f"sqlite:///{db}"))
-    path = tmp_path / "monitor.env"
-    path.write_text("\n".join([
-        f"DATABASE_URL=sqlite:///{db}",
-        f"TERCEIROS={LAB}",
-        f"BEMSOFT_BASE_URL={api.url}",
-        f"BEMSOFT_TOKEN={TOKEN}",
-        "BEMSOFT_DRY_RUN=0",
-        "BEMSOFT_RETRIES=0",
-        "START_FROM=0",
-        "POLL_SECONDS=0.2",
-        f"FAILED_DIR={tmp_path / 'failed'}",
-        f"LOG_FILE={tmp_path / 'logs' / 'monitor.log'}",
-    ]) + "\n", encoding="utf-8")
-    return path
+    return write_env(tmp_path, f"sqlite:///{db}", api.url, BEMSOFT_RETRIES=0, POLL_SECONDS=0.2,
+                     LOG_FILE=tmp_path / "logs" / "monitor.log")
 
 
 @pytest.fixture

@@ -5,20 +5,10 @@ two_instances.py. The full-size runs are those scripts; these keep the same chec
 small numbers (the whole file runs in about a minute and a half)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 from conftest import pg_unavailable
-
-RELIABILITY = Path(__file__).resolve().parent.parent / "reliability"
-sys.path.insert(0, str(RELIABILITY))
-
-import common  # noqa: E402
-import crash_trials  # noqa: E402
-import fault_matrix  # noqa: E402
-import two_instances  # noqa: E402
+from reliability import common, crash_trials, fault_matrix, two_instances
 
 pytestmark = pytest.mark.postgres
 

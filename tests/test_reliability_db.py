@@ -8,21 +8,13 @@ Each scenario prints its pt-BR report; pytest shows it when a test fails."""
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 
 import conftest
-
-RELIABILITY = Path(__file__).resolve().parent.parent / "reliability"
-sys.path.insert(0, str(RELIABILITY))
-
-import common  # noqa: E402
-import db_faults  # noqa: E402
-import disk_faults  # noqa: E402
-import late_commits  # noqa: E402
+from reliability import common, db_faults, disk_faults, late_commits
 
 pytestmark = pytest.mark.postgres
 
