@@ -22,7 +22,8 @@ import sqlalchemy as sa
 from bemsoft_monitor.config import PROJECT_DIR
 from bemsoft_monitor.testing import harness
 from bemsoft_monitor.testing.harness import (LAB, PG_ADMIN_URL, TOKEN, FakeApiProcess,  # noqa: F401
-                                             PgDatabase, failure_item_ids, verify, wait_until)
+                                             PgDatabase, failure_item_ids, pg_problem, verify,
+                                             wait_until)
 from bemsoft_monitor.testing.harness import read_checkpoint as checkpoint  # noqa: F401
 from bemsoft_monitor.testing.sampledata import add_items, add_order, add_patient, bulk_orders
 
@@ -107,21 +108,6 @@ def temp_dir(prefix: str) -> Path:
 # ---------------------------------------------------------------------------------------
 # Helpers added for the scenario scripts (fault_matrix, crash_trials, two_instances, soak)
 # and tests/test_reliability_api.py. Appended only; nothing above was changed.
-
-def pg_problem(admin_url: str = PG_ADMIN_URL) -> str | None:
-    """None when PostgreSQL answers at admin_url; otherwise a one-line reason."""
-    try:
-        engine = sa.create_engine(admin_url, connect_args={"connect_timeout": 5})
-        try:
-            with engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
-        finally:
-            engine.dispose()
-    except Exception as err:  # driver missing or server down: same answer
-        text = str(err).strip().splitlines()
-        return text[0][:300] if text else err.__class__.__name__
-    return None
-
 
 def pg_unreachable() -> bool:
     """For the scripts: True (after saying why, on stderr) when PostgreSQL does not answer;

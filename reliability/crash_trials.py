@@ -34,7 +34,7 @@ import time
 
 from .common import (FakeApiProcess, MonitorProcess, PgDatabase, checkpoint,
                     fake_api_with, failure_files, finish_within, format_table, pg_unreachable,
-                    read_text, seed, sql, temp_dir, verify, write_env)
+                    read_text, seed, sql, temp_dir, verify, wait_until, write_env)
 
 LOCK_BUSY = 4   # monitor_bemsoft.py exit code: another monitor holds the lock
 
@@ -178,12 +178,7 @@ def crash_after_body_error(concurrency: int, good: int = 20, latency: float = 0.
 
 
 def wait_until_posts(api, n: int, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if api.state()["posts"] >= n:
-            return True
-        time.sleep(0.01)
-    return False
+    return wait_until(lambda: api.state()["posts"] >= n, timeout, 0.01)
 
 
 def finish_within_or_none(monitor: MonitorProcess, seconds: float) -> int | None:

@@ -16,8 +16,8 @@ from bemsoft_monitor.db import create_db_engine
 from bemsoft_monitor.schema import legacy_metadata, monitor_metadata
 from bemsoft_monitor.testing.fakeapi import FakeBemsoft
 from bemsoft_monitor.testing.harness import (IN_CI, LAB, TOKEN, PgDatabase, PostgresUnavailable,
-                                             env_values, read_checkpoint, subprocess_env,
-                                             write_env)
+                                             env_values, pg_problem, read_checkpoint,
+                                             subprocess_env, write_env)
 from bemsoft_monitor.testing.sampledata import add_items, add_order, add_patient, create_legacy_schema
 
 
@@ -26,6 +26,14 @@ def pg_unavailable(reason: str):
     if IN_CI:
         pytest.fail(f"PostgreSQL obrigatório no CI e inacessível: {reason}", pytrace=False)
     pytest.skip(f"PostgreSQL inacessível ({reason}); defina TEST_PG_URL")
+
+
+@pytest.fixture(scope="module")
+def postgres_server():
+    """For tests that create their own databases (the reliability scenarios)."""
+    problem = pg_problem()
+    if problem:
+        pg_unavailable(problem)
 
 
 @pytest.fixture(scope="session")

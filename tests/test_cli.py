@@ -3,15 +3,13 @@ database, the fake API on 127.0.0.1."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import sqlalchemy as sa
 
-
+from bemsoft_monitor.testing.harness import monitor_command, subprocess_env, wait_until
 from conftest import ROOT, TOKEN, run
 
 
@@ -68,12 +66,9 @@ def test_dry_run_flag_prints_payloads_and_writes_nothing(env_file, legacy, api, 
 
 def test_loop_stops_gracefully_on_sigterm(env_file, legacy, api):
     legacy.order(1, ["GLI"])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BEMSOFT_")}
-    proc = subprocess.Popen([sys.executable, "monitor_bemsoft.py", "--env-file", str(env_file)],
-                            cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 30
-    while not api.stored_tests() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    proc = subprocess.Popen(monitor_command(env_file), cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env())
+    wait_until(api.stored_tests, 30, 0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err

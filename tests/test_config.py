@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +15,9 @@ from hypothesis import strategies as st
 
 from bemsoft_monitor import config
 from bemsoft_monitor.config import ConfigError, load_settings, parse_settings
+from bemsoft_monitor.testing.harness import LAB, TOKEN, subprocess_env
 
 PROJECT = Path(__file__).resolve().parent.parent
-LAB = "DIAGNÓSTICO DO BRASIL - DB"
-TOKEN = "tok-SECRET-9f8e7d6c"
 DB_PASS = "senha-SECRETA-123"
 BASE = {"DATABASE_URL": "sqlite://", "TERCEIROS": "X", "BEMSOFT_DRY_RUN": "1"}
 PT_WORDS = ("deve", "obrigatório", "não", "aponta")
@@ -345,7 +343,7 @@ def test_any_single_value_gives_settings_or_a_config_error_naming_it(key, value)
 # ------------------------------------------------------------------ the real CLI
 def cli_env() -> dict:
     """The caller's environment minus the monitor's keys (they would override the file)."""
-    return {k: v for k, v in os.environ.items() if k not in config.KNOWN_KEYS}
+    return subprocess_env()
 
 
 def run_cli(*args, timeout=60):

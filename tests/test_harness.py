@@ -16,7 +16,7 @@ from bemsoft_monitor.schema import monitor_metadata
 from bemsoft_monitor.testing.harness import (LAB, TOKEN, FakeApiProcess, PgDatabase,
                                              PostgresUnavailable, delivery_report, read_checkpoint,
                                              write_env)
-from conftest import ROOT, pg_unavailable, run
+from conftest import ROOT, run
 
 STATE = {"tests": {"item-1": 1, "item-2": 1, "item-3": 1}, "posts_by_status": {"201": 2}}
 
@@ -102,12 +102,9 @@ def test_pg_database_unreachable_server_is_reported_not_raised_raw():
 
 
 @pytest.mark.postgres
-def test_pg_database_is_created_with_the_legacy_schema_and_dropped():
+def test_pg_database_is_created_with_the_legacy_schema_and_dropped(postgres_server):
     database = PgDatabase("bm_harness")
-    try:
-        url = database.create()
-    except PostgresUnavailable as err:
-        pg_unavailable(str(err))
+    url = database.create()
     try:
         engine = sa.create_engine(url)
         with engine.connect() as conn:

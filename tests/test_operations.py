@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from bemsoft_monitor.lock import InstanceLock, advisory_key
+from bemsoft_monitor.testing.harness import monitor_command, subprocess_env, wait_until
 from conftest import ROOT, TOKEN, run
 
 
@@ -160,10 +161,9 @@ def test_concurrent_replays_send_each_file_once(env_file, legacy, api, tmp_path)
 # ------------------------------------------------------------------ scripts
 @pytest.fixture
 def script_env(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BEMSOFT_", "DB_"))}
-    env.update(MONITOR_RUN_DIR=str(tmp_path / "run"), MONITOR_LOG_DIR=str(tmp_path / "logs"),
-               PYTHON=sys.executable, START_CHECK_SECONDS="1", STOP_TIMEOUT="30")
-    return env
+    return subprocess_env(MONITOR_RUN_DIR=str(tmp_path / "run"),
+                          MONITOR_LOG_DIR=str(tmp_path / "logs"), PYTHON=sys.executable,
+                          START_CHECK_SECONDS="1", STOP_TIMEOUT="30")
 
 
 def sh(script, *args, env):
@@ -178,9 +178,7 @@ def test_start_and_stop_monitor_scripts(env_file, legacy, api, tmp_path, script_
     pid = int((tmp_path / "run" / "monitor.pid").read_text())
     second = sh("start_monitor.sh", "--env-file", str(env_file), env=script_env)
     assert second.returncode == 1 and f"já está rodando (pid {pid})" in second.stderr
-    deadline = time.monotonic() + 20
-    while not api.stored_tests() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(api.stored_tests, 20)
     stopped = sh("stop_monitor.sh", env=script_env)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert "monitor parado." in stopped.stdout
@@ -199,9 +197,7 @@ def test_start_and_stop_retry_scripts(env_file, legacy, api, tmp_path, script_en
     script_env["RETRY_INTERVAL"] = "0.5"
     started = sh("start_retry.sh", str(tmp_path / "failed"), "--env-file", str(env_file), env=script_env)
     assert started.returncode == 0, started.stdout + started.stderr
-    deadline = time.monotonic() + 20
-    while len(failure_files(tmp_path)) > 1 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: len(failure_files(tmp_path)) <= 1, 20)
     stopped = sh("stop_retry.sh", env=script_env)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert len(failure_files(tmp_path)) == 1        # the unknown exam is still there
@@ -220,8 +216,8 @@ def test_start_script_reports_an_immediate_failure(tmp_path, script_env):
 
 def test_stop_file_stops_the_monitor_gracefully(env_file, legacy, tmp_path):
     stop = tmp_path / "monitor.stop"
-    proc = subprocess.Popen([sys.executable, "monitor_bemsoft.py", "--env-file", str(env_file),
-                             "--stop-file", str(stop)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(monitor_command(env_file, "--stop-file", str(stop)), cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env())
     time.sleep(1.5)
     stop.write_text("stop")
     _, err = proc.communicate(timeout=30)
@@ -232,12 +228,10 @@ def test_stop_file_stops_the_monitor_gracefully(env_file, legacy, tmp_path):
 # ------------------------------------------------------------------ single instance
 def test_second_monitor_on_the_same_sqlite_database_does_not_send(env_file, legacy, api, tmp_path):
     legacy.order(1, ["GLI"])
-    first = subprocess.Popen([sys.executable, "monitor_bemsoft.py", "--env-file", str(env_file)],
-                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(monitor_command(env_file), cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                             env=subprocess_env())
     try:
-        deadline = time.monotonic() + 20
-        while not api.stored_tests() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(api.stored_tests, 20)
         result = run("monitor_bemsoft.py", "--env-file", str(env_file), "--once")
         assert result.returncode == 4
         assert "Outro monitor 'bemsoft' já está ativo" in result.stderr

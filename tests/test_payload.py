@@ -33,9 +33,9 @@ from bemsoft_monitor.payload import (
     make_event,
 )
 from bemsoft_monitor.source import jsonable
+from bemsoft_monitor.testing.harness import LAB
 
 GOLDEN = Path(__file__).parent / "golden"
-LAB = "DIAGNÓSTICO DO BRASIL - DB"
 
 BASE_ENV = {"DATABASE_URL": "sqlite://", "TERCEIROS": "X", "BEMSOFT_DRY_RUN": "1",
             "LOG_FILE": "-"}

@@ -7,19 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import pg_unavailable
 from reliability import common, crash_trials, fault_matrix, two_instances
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.usefixtures("postgres_server")]
 
 N = 30  # solicitations per fault-matrix case (2 items each)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def postgres():
-    problem = common.pg_problem()
-    if problem:
-        pg_unavailable(problem)
 
 
 def _explain(row: dict) -> str:

@@ -16,14 +16,7 @@ import pytest
 import conftest
 from reliability import common, db_faults, disk_faults, late_commits
 
-pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture(scope="module", autouse=True)
-def postgres():
-    problem = common.pg_problem()
-    if problem:
-        conftest.pg_unavailable(problem)
+pytestmark = [pytest.mark.postgres, pytest.mark.usefixtures("postgres_server")]
 
 
 def test_terminated_sessions_during_a_drain_reconnect_log_once_and_lose_nothing(capsys):

@@ -51,6 +51,26 @@ def admin_engine(admin_url: str = PG_ADMIN_URL) -> sa.Engine:
                             connect_args={"connect_timeout": 5})
 
 
+def pg_problem(admin_url: str = PG_ADMIN_URL) -> str | None:
+    """None when PostgreSQL answers at admin_url; otherwise a one-line reason."""
+    engine = None
+    try:
+        engine = admin_engine(admin_url)
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except (ImportError, sa.exc.SQLAlchemyError) as err:  # no driver, or server down
+        return _first_line(err)
+    finally:
+        if engine is not None:
+            engine.dispose()
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:300] if lines else type(err).__name__
+
+
 class PostgresUnavailable(RuntimeError):
     """The PostgreSQL server at the admin URL (TEST_PG_URL) could not create a database."""
 
@@ -78,8 +98,7 @@ class PgDatabase:
                 conn.execute(sa.text(f'CREATE DATABASE "{self.name}"'))
         except (ImportError, sa.exc.SQLAlchemyError) as err:  # no driver, or server down
             self.admin = None  # nothing to drop
-            lines = str(err).strip().splitlines()
-            raise PostgresUnavailable(lines[0] if lines else type(err).__name__) from err
+            raise PostgresUnavailable(_first_line(err)) from err
         if self.legacy_schema:
             engine = sa.create_engine(self.url, poolclass=NullPool)
             try:
