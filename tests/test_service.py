@@ -88,7 +88,7 @@ def test_start_refuses_a_second_start_and_stop_is_graceful(env_file, legacy, api
     assert wait_for(lambda: api.stored_tests())
     stopped = sh("stop_monitor.sh", env=launcher_env)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-    assert "monitor parado." in stopped.stdout and not alive(pid)
+    assert "monitor parado." in stopped.stdout and "à força" not in stopped.stderr and not alive(pid)
     assert not (run_dir(launcher_env) / "monitor.pid").exists()
     log = (tmp_path / "logs" / "monitor.log").read_text(encoding="utf-8")
     assert "Arquivo de parada" in log                                   # the stop file, not a kill
@@ -242,6 +242,7 @@ def test_retry_wrappers_replay_in_the_background_and_stop(env_file, legacy, api,
     assert wait_for(lambda: len(failure_files(tmp_path)) == 1)        # the unknown exam stays
     stopped = sh("stop_retry.sh", env=launcher_env)
     assert stopped.returncode == 0 and "retry parado." in stopped.stdout and not alive(pid)
+    assert "à força" not in stopped.stderr               # --watch honours the stop file
     out = (tmp_path / ODD_DIR / "logs" / "retry.out.log").read_text(encoding="utf-8")
     assert "[OK]" in out and "Resumo:" in out
 
