@@ -7,6 +7,7 @@
 import sys
 
 if __name__ == "__main__":
+    from bemsoft_monitor.cli import without_separators
     from bemsoft_monitor.replay_cli import main
 
-    sys.exit(main())
+    sys.exit(main(without_separators(sys.argv[1:])))

@@ -26,7 +26,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def setup_logging(settings: Settings, *, stream=None, to_file: bool = True) -> None:
-    """Console always; a rotating file at LOG_FILE when set (issue: operations)."""
+    """Console always; a rotating file at LOG_FILE when set (issue: operations). With the
+    file open and the console not a terminal (NSSM's service.err.log, the launcher's
+    *.out.log), the console keeps only warnings and errors: the file has every line."""
     root = logging.getLogger()
     root.setLevel(settings.log_level)
     for handler in list(root.handlers):
@@ -50,9 +52,18 @@ def setup_logging(settings: Settings, *, stream=None, to_file: bool = True) -> N
             file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
             file_handler._bemsoft = True
             root.addHandler(file_handler)
+            if not _is_terminal(console.stream):
+                console.setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(max(logging.WARNING, root.level))
     for note in settings.notes:
         logging.getLogger("bemsoft_monitor.config").warning("%s", note)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or already closed
+        return False
 
 
 def make_client(settings: Settings, shutdown: threading.Event | None = None) -> BemsoftClient | None:
@@ -78,9 +89,14 @@ def build_monitor(settings: Settings, *, engine: sa.Engine | None = None,
                    shutdown=shutdown, on_dry_run=on_dry_run)
 
 
-def install_signal_handlers(shutdown: threading.Event) -> None:
-    """SIGINT/SIGTERM (and Ctrl+Break on Windows) only set the shutdown flag: the work in
-    flight finishes, then the loop exits."""
+SHUTDOWN_SIGNALS = ("SIGINT", "SIGTERM", "SIGBREAK")
+CTRL_LOGOFF_EVENT = 5
+
+
+def shutdown_handler(shutdown: threading.Event):
+    """The handler for SIGINT/SIGTERM/SIGBREAK: it only sets the shutdown flag, so the work
+    in flight finishes and then the loop exits. On Windows Ctrl+C (NSSM's stop) arrives as
+    SIGINT and Ctrl+Break as SIGBREAK."""
     log = logging.getLogger(__name__)
 
     def handler(signum, frame):
@@ -88,18 +104,44 @@ def install_signal_handlers(shutdown: threading.Event) -> None:
             log.info("Sinal %s recebido: terminando o trabalho em andamento e saindo.", signum)
         shutdown.set()
 
-    for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
+    return handler
+
+
+def install_signal_handlers(shutdown: threading.Event) -> None:
+    handler = shutdown_handler(shutdown)
+    for name in SHUTDOWN_SIGNALS:
         sig = getattr(signal, name, None)
         if sig is not None:
             try:
                 signal.signal(sig, handler)
             except ValueError:  # not in the main thread (embedded use)
-                pass
+                return
+    if sys.platform == "win32":
+        _survive_logoff()
+
+
+def console_event_swallowed(event: int) -> bool:
+    """The C runtime turns every console event but Ctrl+C into SIGBREAK, including a user's
+    logoff, which Windows sends to the console processes of services: NSSM's monitor would
+    stop at every logoff. That one event is answered here, before the runtime sees it."""
+    return event == CTRL_LOGOFF_EVENT
+
+
+_console_routines: list = []  # ctypes callbacks must stay alive while registered
+
+
+def _survive_logoff() -> None:
+    import ctypes
+    from ctypes import wintypes
+
+    routine = ctypes.WINFUNCTYPE(wintypes.BOOL, wintypes.DWORD)(console_event_swallowed)
+    if ctypes.windll.kernel32.SetConsoleCtrlHandler(routine, True):
+        _console_routines.append(routine)
 
 
 def watch_stop_file(path, shutdown: threading.Event, interval: float = 0.5) -> threading.Thread:
-    """The Windows scripts ask for a graceful stop by creating this file (there is no
-    SIGTERM there); on Linux the scripts use SIGTERM and the file works too."""
+    """The launcher (python -m bemsoft_monitor.service, scripts/) asks for a graceful stop
+    by creating this file: the same way on Windows, which has no SIGTERM, and on Linux."""
     stop_path = Path(path)
 
     def watch():

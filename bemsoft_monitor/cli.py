@@ -40,12 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true",
                         help="força BEMSOFT_DRY_RUN=1: só imprime os payloads, não grava nada")
     parser.add_argument("--stop-file", metavar="ARQUIVO",
-                        help="sai com segurança quando este arquivo aparecer (usado pelos scripts)")
+                        help="sai com segurança quando este arquivo aparecer (usado pelos atalhos em scripts/)")
     return parser
 
 
+def without_separators(argv) -> list[str]:
+    """A lone `--` at either end is not an argument (a wrapper or PowerShell's -File may pass
+    one on): dropped, so `monitor_bemsoft.py --once --` works."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    while args and args[0] == "--":
+        args.pop(0)
+    while args and args[-1] == "--":
+        args.pop()
+    return args
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(without_separators(argv))
     if args.demo:
         from .demo import run_demo
         return run_demo()

@@ -406,3 +406,26 @@ def load_test_map(path: Path) -> dict[str, TestMapping]:
 
 def normalize_code(code: object) -> str:
     return str(code).strip().upper()
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """The background launcher's own settings (`python -m bemsoft_monitor.service`, the
+    scripts in scripts/). They come from the process environment only: they say where the
+    launcher keeps pid and log files, not how the monitor works, so they are not in `.env`."""
+    run_dir: Path
+    log_dir: Path
+    stop_timeout: float
+    start_check: float
+    retry_interval: float
+
+
+def load_service_settings(environ: Mapping[str, str] | None = None) -> ServiceSettings:
+    r = _Reader(os.environ if environ is None else environ, PROJECT_DIR)
+    return ServiceSettings(
+        run_dir=r.path("MONITOR_RUN_DIR", PROJECT_DIR / "completo" / "run"),
+        log_dir=r.path("MONITOR_LOG_DIR", PROJECT_DIR / "completo" / "logs"),
+        stop_timeout=r.number("STOP_TIMEOUT", 120.0, minimum=1, maximum=86400),
+        start_check=r.number("START_CHECK_SECONDS", 2.0, minimum=0, maximum=60),
+        retry_interval=r.number("RETRY_INTERVAL", 300.0, minimum=0.1, maximum=86400),
+    )

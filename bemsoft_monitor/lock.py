@@ -42,6 +42,22 @@ PG_TRY_LOCK = sa.text("SELECT pg_try_advisory_lock(:key)")
 PG_UNLOCK = sa.text("SELECT pg_advisory_unlock(:key)")
 
 
+def try_lock_file(handle) -> bool:
+    """An exclusive, non-blocking lock on an open file (flock on POSIX, msvcrt on Windows);
+    closing the file releases it, also when the process dies."""
+    try:
+        if os.name == "nt":
+            import msvcrt
+            handle.seek(0)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
 class InstanceLock:
     def __init__(self, engine: sa.Engine, name: str, *, clock=time.monotonic):
         self.engine = engine
@@ -100,15 +116,7 @@ class InstanceLock:
         path = self.file_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a+b")
-        try:
-            if os.name == "nt":
-                import msvcrt
-                handle.seek(0)
-                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        if not try_lock_file(handle):
             handle.close()
             return False
         handle.seek(0)

@@ -66,6 +66,12 @@ class MonitorProcess:
     def pid(self) -> int:
         return self.proc.pid
 
+    @property
+    def log_file(self) -> Path:
+        """LOG_FILE as write_env sets it: every line. With LOG_FILE set and no terminal, the
+        console (`output`) keeps only warnings, errors and tracebacks."""
+        return self.env_file.parent / "monitor.log"
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 

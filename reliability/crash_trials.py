@@ -160,7 +160,7 @@ def crash_after_body_error(concurrency: int, good: int = 20, latency: float = 0.
             url, 'SELECT min("Status") FROM "_MonitorItems" WHERE "CodItemSol" = :i', i=bad[0])
         code = finish_within(MonitorProcess(env, ("--drain",)), timeout)
         report = verify(api, url, ids, work / "failed", expect_failures=True)
-        output = read_text(work / "monitor.out")
+        output = read_text(work / "monitor.log")       # LOG_FILE: the INFO lines too
         result.update({
             "exit_code": code, "bad_items": bad, "missing": report["missing"],
             "failure_files": len(failure_files(work / "failed")),

@@ -106,7 +106,7 @@ class Case:
         return new
 
     def drain(self, env: Path | None = None) -> str:
-        """One `--drain` run; returns its console output."""
+        """One `--drain` run; returns its log (LOG_FILE)."""
         monitor = MonitorProcess(env or self.env, ("--drain",))
         started = time.monotonic()
         code = finish_within(monitor, self.timeout)
@@ -116,7 +116,7 @@ class Case:
             self.problems.append(f"--drain não terminou em {self.timeout:.0f} s (morto)")
         elif code != 0:
             self.problems.append(f"--drain saiu com código {code}")
-        return read_text(monitor.output)
+        return read_text(monitor.log_file)
 
     def check(self, ok: bool, message: str) -> None:
         if not ok:
@@ -245,7 +245,7 @@ def case_bad_token(case: Case) -> None:
     time.sleep(2.0 if case.quick else 4.0)
     code = monitor.stop(30)
     case.seconds += time.monotonic() - started
-    output = read_text(monitor.output)
+    output = read_text(monitor.log_file)
     state = case.api.state()
     case.check(code == 0, f"monitor com token errado saiu com código {code}")
     case.check(state["posts"] == 0, f"com token errado nenhum POST deveria sair: {state['posts']}")

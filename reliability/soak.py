@@ -89,7 +89,7 @@ def run_soak(minutes: float = 30.0, rate: float = 5.0, fault_rate: float = 0.01,
         monitor = MonitorProcess(env)            # loop mode
         engine = sa.create_engine(url)
         try:
-            if not wait_until(lambda: "Monitor iniciado" in read_text(monitor.output), 30):
+            if not wait_until(lambda: "Monitor iniciado" in read_text(monitor.log_file), 30):
                 problems.append("o monitor não iniciou em 30 s")
             writer = Writer(url, rate, seconds, seed_value)
             started = time.monotonic()

@@ -46,7 +46,7 @@ def run_round(solicitations: int = 600, items: int = 2, latency: float = 0.05,
         monitors = {"A": first, "B": second}
         try:
             def roles():
-                texts = {k: read_text(m.output) for k, m in monitors.items()}
+                texts = {k: read_text(m.log_file) for k, m in monitors.items()}
                 active = [k for k, t in texts.items() if STARTED in t]
                 waiting = [k for k, t in texts.items() if STANDBY in t]
                 return active, waiting
@@ -63,7 +63,7 @@ def run_round(solicitations: int = 600, items: int = 2, latency: float = 0.05,
             # a third one with --drain gives up at once (exit code 4) and sends nothing
             third = MonitorProcess(envs[2], ("--drain",))
             code = finish_within(third, 30)
-            third_text = read_text(third.output)
+            third_text = read_text(third.log_file)
             result["third_exit"] = code
             if code != 4 or STANDBY not in third_text or SENT_ANY.search(third_text):
                 problems.append(f"terceiro monitor (--drain) deveria sair com 4 sem enviar: código {code}")
@@ -71,7 +71,7 @@ def run_round(solicitations: int = 600, items: int = 2, latency: float = 0.05,
             target = max(1, int(solicitations * kill_fraction))
             if not wait_until(lambda: api.state()["posts"] >= target, 60, 0.05):
                 problems.append(f"a instância ativa não chegou a {target} POSTs em 60 s")
-            standby_text = read_text(standby.output)
+            standby_text = read_text(standby.log_file)
             result["standby_sent_before_kill"] = len(SENT_ANY.findall(standby_text))
             if result["standby_sent_before_kill"] or TOOK_LOCK in standby_text:
                 problems.append("a instância em espera enviou antes da queda da ativa")
@@ -80,7 +80,7 @@ def run_round(solicitations: int = 600, items: int = 2, latency: float = 0.05,
             active.kill9()
             killed_at = time.monotonic()
 
-            if wait_until(lambda: TOOK_LOCK in read_text(standby.output), takeover_timeout, 0.05):
+            if wait_until(lambda: TOOK_LOCK in read_text(standby.log_file), takeover_timeout, 0.05):
                 result["takeover_s"] = round(time.monotonic() - killed_at, 2)
             else:
                 problems.append(f"a reserva não assumiu em {takeover_timeout:.0f} s")
@@ -99,7 +99,7 @@ def run_round(solicitations: int = 600, items: int = 2, latency: float = 0.05,
 
         report = verify(api, url, ids, dirs[0] / "failed")
         files = sum(len(failure_files(d / "failed")) for d in dirs)
-        active_text, standby_text = read_text(active.output), read_text(standby.output)
+        active_text, standby_text = read_text(active.log_file), read_text(standby.log_file)
         result.update({
             "items": len(ids), "stored": report["stored"], "missing": len(report["missing"]),
             "duplicates": len(report["duplicates"]), "checkpoint": report["checkpoint"],

@@ -1,40 +1,101 @@
 @echo off
-rem Instala o monitor como servico do Windows com o NSSM (https://nssm.cc).
-rem Uso (Prompt de Comando como Administrador, na pasta do projeto):
-rem   scripts\install_service_nssm.bat [NomeDoServico] [C:\caminho\python.exe]
-rem Padrao: servico BemsoftMonitor, python da .venv do projeto ou o primeiro do PATH.
-setlocal EnableExtensions
+rem Instala o monitor como servico do Windows com o NSSM 2.24-101 ou mais novo (https://nssm.cc).
+rem Uso (Prompt de Comando como Administrador):
+rem   scripts\install_service_nssm.bat [NomeDoServico] [Conta] [Senha]
+rem Conta: DOMINIO\usuario ou .\usuario (senha pedida se omitida), DOMINIO\gmsa$ (gMSA, sem senha)
+rem ou "NT SERVICE\NomeDoServico" (conta virtual, sem senha). Sem conta: LocalSystem.
+rem Pastas: o projeto fica gravavel so por SYSTEM e Administradores (a conta do servico le);
+rem completo\ (falhas com dados de pacientes, logs) so SYSTEM, Administradores e a conta.
+rem Grupos por SID (*S-1-5-18 = SYSTEM, *S-1-5-32-544 = Administradores), nunca por nome.
+setlocal EnableExtensions DisableDelayedExpansion
 set "SERVICE=%~1"
-if "%SERVICE%"=="" set "SERVICE=BemsoftMonitor"
+if not defined SERVICE set "SERVICE=BemsoftMonitor"
+set "ACCOUNT=%~2"
+set "PASSWORD=%~3"
 for %%I in ("%~dp0..") do set "ROOT=%%~fI"
-set "PY=%~2"
-if "%PY%"=="" if exist "%ROOT%\.venv\Scripts\python.exe" set "PY=%ROOT%\.venv\Scripts\python.exe"
-if "%PY%"=="" for /f "delims=" %%P in ('where python 2^>nul') do if not defined PY set "PY=%%P"
-if "%PY%"=="" (echo Python nao encontrado. Informe o caminho: %~nx0 %SERVICE% C:\caminho\python.exe & exit /b 1)
-where nssm >nul 2>nul || (echo NSSM nao encontrado no PATH. Instale o NSSM e tente de novo. & exit /b 1)
-if not exist "%ROOT%\.env" (echo Falta o arquivo %ROOT%\.env ^(copie de .env.example^). & exit /b 1)
-if not exist "%ROOT%\completo\logs" mkdir "%ROOT%\completo\logs"
+set "PY=%ROOT%\.venv\Scripts\python.exe"
+set "LOGS=%ROOT%\completo\logs"
 
-nssm install "%SERVICE%" "%PY%" "\"%ROOT%\monitor_bemsoft.py\"" || exit /b 1
-nssm set "%SERVICE%" DisplayName "Bemsoft Monitor (SQL -> Bemsoft)"
-nssm set "%SERVICE%" Description "Envia os exames terceirizados do sistema legado para a API Bemsoft."
-nssm set "%SERVICE%" AppDirectory "%ROOT%"
-nssm set "%SERVICE%" AppEnvironmentExtra PYTHONUNBUFFERED=1 PYTHONIOENCODING=utf-8
-rem stdout/stderr em arquivos com rotacao (10 MB), alem do LOG_FILE do proprio monitor
-nssm set "%SERVICE%" AppStdout "%ROOT%\completo\logs\service.out.log"
-nssm set "%SERVICE%" AppStderr "%ROOT%\completo\logs\service.err.log"
-nssm set "%SERVICE%" AppRotateFiles 1
-nssm set "%SERVICE%" AppRotateOnline 1
-nssm set "%SERVICE%" AppRotateBytes 10485760
+where nssm >nul 2>nul
+if errorlevel 1 goto no_nssm
+if not exist "%PY%" goto no_venv
+findstr /i /c:"WindowsApps" /c:"AppData" "%ROOT%\.venv\pyvenv.cfg" >nul 2>nul
+if not errorlevel 1 goto user_python
+if not exist "%ROOT%\.env" goto no_env
+if not exist "%LOGS%" mkdir "%LOGS%"
+
+rem Conta do servico: .\usuario vira MAQUINA\usuario (o icacls nao entende ".\")
+set "ACL_ACCOUNT=%ACCOUNT%"
+if "%ACCOUNT:~0,2%"==".\" set "ACL_ACCOUNT=%COMPUTERNAME%\%ACCOUNT:~2%"
+if not defined ACCOUNT goto account_ready
+if "%ACCOUNT:~-1%"=="$" goto account_ready
+if /i "%ACCOUNT:~0,11%"=="NT SERVICE\" goto account_ready
+if defined PASSWORD goto account_ready
+set /p "PASSWORD=Senha da conta %ACCOUNT%: "
+:account_ready
+
+rem Servico: o Python da .venv roda monitor_bemsoft.py na pasta do projeto (caminho relativo:
+rem nada de caminho com espacos ou parenteses nos parametros)
+nssm install "%SERVICE%" "%PY%" monitor_bemsoft.py || goto nssm_failed
+nssm set "%SERVICE%" AppDirectory "%ROOT%" || goto nssm_failed
+nssm set "%SERVICE%" DisplayName "Bemsoft Monitor (SQL -> Bemsoft)" || goto nssm_failed
+nssm set "%SERVICE%" Description "Envia os exames terceirizados do sistema legado para a API Bemsoft." || goto nssm_failed
+rem Console proprio (necessario para a parada por Ctrl+C) e saida em UTF-8 sem buffer
+nssm set "%SERVICE%" AppNoConsole 0 || goto nssm_failed
+nssm set "%SERVICE%" AppEnvironmentExtra PYTHONIOENCODING=utf-8 PYTHONUNBUFFERED=1 || goto nssm_failed
+rem stdout/stderr em arquivos com rotacao a cada 10 MB (o log completo fica no LOG_FILE do monitor;
+rem com LOG_FILE definido, o console recebe so avisos e erros)
+nssm set "%SERVICE%" AppStdout "%LOGS%\service.out.log" || goto nssm_failed
+nssm set "%SERVICE%" AppStderr "%LOGS%\service.err.log" || goto nssm_failed
+nssm set "%SERVICE%" AppRotateFiles 1 || goto nssm_failed
+nssm set "%SERVICE%" AppRotateOnline 1 || goto nssm_failed
+nssm set "%SERVICE%" AppRotateBytes 10485760 || goto nssm_failed
 rem Parada: Ctrl+C no console (o monitor termina a solicitacao em andamento); 120 s de espera
-nssm set "%SERVICE%" AppStopMethodSkip 6
-nssm set "%SERVICE%" AppStopMethodConsole 120000
+nssm set "%SERVICE%" AppStopMethodSkip 6 || goto nssm_failed
+nssm set "%SERVICE%" AppStopMethodConsole 120000 || goto nssm_failed
 rem Reinicia sozinho em caso de falha, exceto erro de configuracao (codigo 2)
-nssm set "%SERVICE%" AppExit Default Restart
-nssm set "%SERVICE%" AppExit 2 Exit
-nssm set "%SERVICE%" AppRestartDelay 10000
-nssm set "%SERVICE%" Start SERVICE_AUTO_START
+nssm set "%SERVICE%" AppExit Default Restart || goto nssm_failed
+nssm set "%SERVICE%" AppExit 2 Exit || goto nssm_failed
+nssm set "%SERVICE%" AppRestartDelay 10000 || goto nssm_failed
+nssm set "%SERVICE%" Start SERVICE_AUTO_START || goto nssm_failed
+if not defined ACCOUNT goto localsystem
+nssm set "%SERVICE%" ObjectName "%ACCOUNT%" "%PASSWORD%" || goto nssm_failed
+goto acls
+:localsystem
+echo Aviso: sem conta informada, o servico roda como LocalSystem. Prefira uma conta de servico ou gMSA.
+
+:acls
+rem Projeto: heranca removida; SYSTEM e Administradores com controle total; a conta do servico so le
+icacls "%ROOT%" /reset /T /C /Q >nul
+icacls "%ROOT%" /inheritance:r /grant:r *S-1-5-18:(OI)(CI)F *S-1-5-32-544:(OI)(CI)F /C /Q || goto acl_failed
+rem completo\ (falhas, logs, pids): ACL propria, nao herdada, legivel so por eles
+icacls "%ROOT%\completo" /inheritance:r /grant:r *S-1-5-18:(OI)(CI)F *S-1-5-32-544:(OI)(CI)F /C /Q || goto acl_failed
+if not defined ACCOUNT goto done
+icacls "%ROOT%" /grant:r "%ACL_ACCOUNT%:(OI)(CI)RX" /C /Q || goto acl_failed
+icacls "%ROOT%\completo" /grant:r "%ACL_ACCOUNT%:(OI)(CI)M" /C /Q || goto acl_failed
+
+:done
 echo.
 echo Servico %SERVICE% instalado. Inicie com:  nssm start %SERVICE%
-echo Logs: %ROOT%\completo\logs
+echo Logs: %LOGS%
 exit /b 0
+
+:no_nssm
+echo NSSM nao encontrado no PATH. Instale o NSSM 2.24-101 ou mais novo e tente de novo.
+exit /b 1
+:no_venv
+echo Falta a .venv do projeto: py -3 -m venv .venv e .venv\Scripts\python.exe -m pip install -r requirements.txt
+exit /b 1
+:user_python
+echo A .venv foi criada com um Python instalado so para um usuario (AppData ou Microsoft Store),
+echo que a conta do servico nao consegue ler. Instale o Python para todos os usuarios e recrie a .venv.
+exit /b 1
+:no_env
+echo Falta o arquivo .env na pasta do projeto (copie de .env.example).
+exit /b 1
+:nssm_failed
+echo O NSSM recusou a configuracao (veja a mensagem acima). Remova com scripts\uninstall_service_nssm.bat "%SERVICE%" e tente de novo.
+exit /b 1
+:acl_failed
+echo O icacls falhou (veja a mensagem acima): confira o nome da conta e rode como Administrador.
+exit /b 1

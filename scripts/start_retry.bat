@@ -1,10 +1,16 @@
 @echo off
-rem Inicia o reprocessador de falhas em segundo plano (reenvia a cada RETRY_INTERVAL s, padrao 300).
-rem Uso: scripts\start_retry.bat [completo\failed_events]
-setlocal
-set INTERVAL=%RETRY_INTERVAL%
-if "%INTERVAL%"=="" set INTERVAL=300
-set DIRARG=
-if not "%~1"=="" set DIRARG=--dir "%~1"
-powershell -NoProfile -ExecutionPolicy Bypass -File "%~dp0bg.ps1" start retry retry_failed.py -- %DIRARG% --send --watch %INTERVAL%
+rem Inicia o reprocessador de falhas (a cada RETRY_INTERVAL s, padrao 300). Uso: scripts\start_retry.bat [completo\failed_events] [opcoes]
+rem Usa o Python da .venv do projeto; sem ela, o lancador py -3 (nunca o atalho da Microsoft Store).
+setlocal EnableExtensions DisableDelayedExpansion
+cd /d "%~dp0.."
+if exist ".venv\Scripts\python.exe" goto venv
+where py >nul 2>nul
+if errorlevel 1 goto nopython
+py -3 -m bemsoft_monitor.service start retry %*
 exit /b %ERRORLEVEL%
+:venv
+".venv\Scripts\python.exe" -m bemsoft_monitor.service start retry %*
+exit /b %ERRORLEVEL%
+:nopython
+echo Python nao encontrado: crie a .venv na pasta do projeto (py -3 -m venv .venv) ou instale o Python para todos os usuarios.
+exit /b 1

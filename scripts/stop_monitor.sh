@@ -1,5 +1,3 @@
 #!/usr/bin/env bash
-# Para o monitor com segurança: envia SIGTERM e espera a solicitação em andamento terminar.
-set -euo pipefail
-source "$(dirname "$0")/_common.sh"
-stop_bg monitor monitor_bemsoft.py
+# Para o monitor com segurança: pede a parada e espera a solicitação em andamento terminar.
+exec bash "$(dirname "$0")/_launch.sh" stop monitor

@@ -38,9 +38,9 @@ def test_once_delivers_and_exits(env_file, legacy, api, tmp_path):
     result = run("monitor_bemsoft.py", "--env-file", str(env_file), "--once")
     assert result.returncode == 0, result.stderr
     assert sorted(api.stored_tests()) == sorted(f"item-{i}" for i in ids)
-    assert "Solicitação 1 entregue: 2 itens, HTTP 201" in result.stderr
     log_text = (tmp_path / "logs" / "monitor.log").read_text(encoding="utf-8")
-    assert "Solicitação 1 entregue" in log_text and TOKEN not in log_text
+    assert "Solicitação 1 entregue: 2 itens, HTTP 201" in log_text and TOKEN not in log_text
+    assert "Solicitação 1 entregue" not in result.stderr   # LOG_FILE has it; stderr: warnings only
 
 
 def test_drain_pages_through_the_backlog(env_file, legacy, api):
@@ -64,7 +64,7 @@ def test_dry_run_flag_prints_payloads_and_writes_nothing(env_file, legacy, api, 
     assert not sa.inspect(legacy.engine).has_table("_MonitorState")
 
 
-def test_loop_stops_gracefully_on_sigterm(env_file, legacy, api):
+def test_loop_stops_gracefully_on_sigterm(env_file, legacy, api, tmp_path):
     legacy.order(1, ["GLI"])
     proc = subprocess.Popen(monitor_command(env_file), cwd=ROOT, stderr=subprocess.PIPE, text=True,
                             env=subprocess_env())
@@ -72,7 +72,8 @@ def test_loop_stops_gracefully_on_sigterm(env_file, legacy, api):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    assert "Monitor encerrado: 1 solicitações entregues" in err
+    log_text = (tmp_path / "logs" / "monitor.log").read_text(encoding="utf-8")
+    assert "Monitor encerrado: 1 solicitações entregues" in log_text
 
 
 def test_check_reports_each_check(env_file, legacy):

@@ -1,5 +1,6 @@
-"""Operations, driven as an operator would: retry_failed.py, the start/stop scripts, the
-single-instance lock, /metrics and /healthz, and the service definitions."""
+"""Operations, driven as an operator would: retry_failed.py, the stop file, the
+single-instance lock, /metrics and /healthz, and the systemd unit (the start/stop launcher
+and the Windows files: test_service.py)."""
 from __future__ import annotations
 
 import json
@@ -158,62 +159,8 @@ def test_concurrent_replays_send_each_file_once(env_file, legacy, api, tmp_path)
     assert len(stored) == len(set(stored)) == 8
 
 
-# ------------------------------------------------------------------ scripts
-@pytest.fixture
-def script_env(tmp_path):
-    return subprocess_env(MONITOR_RUN_DIR=str(tmp_path / "run"),
-                          MONITOR_LOG_DIR=str(tmp_path / "logs"), PYTHON=sys.executable,
-                          START_CHECK_SECONDS="1", STOP_TIMEOUT="30")
-
-
-def sh(script, *args, env):
-    return subprocess.run(["bash", str(ROOT / "scripts" / script), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=90)
-
-
-def test_start_and_stop_monitor_scripts(env_file, legacy, api, tmp_path, script_env):
-    legacy.order(1, ["GLI"])
-    started = sh("start_monitor.sh", "--env-file", str(env_file), env=script_env)
-    assert started.returncode == 0, started.stdout + started.stderr
-    pid = int((tmp_path / "run" / "monitor.pid").read_text())
-    second = sh("start_monitor.sh", "--env-file", str(env_file), env=script_env)
-    assert second.returncode == 1 and f"já está rodando (pid {pid})" in second.stderr
-    wait_until(api.stored_tests, 20)
-    stopped = sh("stop_monitor.sh", env=script_env)
-    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-    assert "monitor parado." in stopped.stdout
-    assert not (tmp_path / "run" / "monitor.pid").exists()
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
-    log = (tmp_path / "logs" / "monitor.out").read_text(encoding="utf-8")
-    assert "Monitor encerrado: 1 solicitações entregues" in log      # graceful exit
-    assert sh("stop_monitor.sh", env=script_env).stdout.strip() == "monitor não está rodando."
-
-
-def test_start_and_stop_retry_scripts(env_file, legacy, api, tmp_path, script_env):
-    make_failures(legacy, env_file)
-    with open(env_file, "a", encoding="utf-8") as fh:
-        fh.write("DEFAULT_GENDER=F\n")
-    script_env["RETRY_INTERVAL"] = "0.5"
-    started = sh("start_retry.sh", str(tmp_path / "failed"), "--env-file", str(env_file), env=script_env)
-    assert started.returncode == 0, started.stdout + started.stderr
-    wait_until(lambda: len(failure_files(tmp_path)) <= 1, 20)
-    stopped = sh("stop_retry.sh", env=script_env)
-    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-    assert len(failure_files(tmp_path)) == 1        # the unknown exam is still there
-    out = (tmp_path / "logs" / "retry.out").read_text(encoding="utf-8")
-    assert "[OK]" in out and "Resumo:" in out
-
-
-def test_start_script_reports_an_immediate_failure(tmp_path, script_env):
-    bad = tmp_path / "bad.env"
-    bad.write_text("POLL_SECONDS=abc\n", encoding="utf-8")
-    result = sh("start_monitor.sh", "--env-file", str(bad), env=script_env)
-    assert result.returncode == 1
-    assert "terminou logo ao iniciar" in result.stderr and "Configuração inválida" in result.stderr
-    assert not (tmp_path / "run" / "monitor.pid").exists()
-
-
+# ------------------------------------------------------------------ stop file
+# (the launcher and its wrappers in scripts/ are tested in test_service.py)
 def test_stop_file_stops_the_monitor_gracefully(env_file, legacy, tmp_path):
     stop = tmp_path / "monitor.stop"
     proc = subprocess.Popen(monitor_command(env_file, "--stop-file", str(stop)), cwd=ROOT,
@@ -221,7 +168,9 @@ def test_stop_file_stops_the_monitor_gracefully(env_file, legacy, tmp_path):
     time.sleep(1.5)
     stop.write_text("stop")
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0 and "Arquivo de parada" in err and "Monitor encerrado" in err
+    log = (tmp_path / "logs" / "monitor.log").read_text(encoding="utf-8")
+    assert proc.returncode == 0 and "Arquivo de parada" in log and "Monitor encerrado" in log
+    assert "Monitor encerrado" not in err      # LOG_FILE set, stderr not a terminal: warnings only
     assert not stop.exists()
 
 
@@ -343,16 +292,6 @@ def test_systemd_unit_is_hardened_and_restarts_on_failure():
         result = subprocess.run(["systemd-analyze", "verify", str(ROOT / "deploy" / "bemsoft-monitor.service")],
                                 capture_output=True, text=True)
         assert "Unknown key" not in result.stderr and "Unknown section" not in result.stderr
-
-
-def test_nssm_scripts_set_console_stop_rotation_and_directory():
-    install = (ROOT / "scripts" / "install_service_nssm.bat").read_text(encoding="utf-8")
-    for setting in ("AppDirectory", "AppStdout", "AppStderr", "AppRotateFiles 1",
-                    "AppStopMethodSkip 6", "AppStopMethodConsole", "AppExit 2 Exit"):
-        assert setting in install
-    assert "nssm remove" in (ROOT / "scripts" / "uninstall_service_nssm.bat").read_text(encoding="utf-8")
-    for name in ("start_monitor", "stop_monitor", "start_retry", "stop_retry"):
-        assert (ROOT / "scripts" / f"{name}.bat").exists() and (ROOT / "scripts" / f"{name}.sh").exists()
 
 
 def test_replay_keeps_its_fresh_key_when_the_send_does_not_finish(env_file, legacy, api, tmp_path):
