@@ -92,8 +92,10 @@ def health(monitor, max_age: float) -> tuple[int, dict]:
                                   "limite_segundos": max_age, "checkpoint": monitor.checkpoint}
 
 
-def start_metrics_server(monitor, port: int, max_age: float, host: str = "127.0.0.1"):
-    """Serve /metrics and /healthz in a daemon thread; returns the server (call shutdown())."""
+def start_metrics_server(monitor, port: int, max_age: float, host: str = "127.0.0.1",
+                         console=None):
+    """Serve /metrics and /healthz (and, given a `console`, the operator page at /) in a
+    daemon thread; returns the server (call shutdown())."""
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -105,8 +107,18 @@ def start_metrics_server(monitor, port: int, max_age: float, host: str = "127.0.
         wbufsize = 64 * 1024
 
         def do_GET(self):
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
+            path, _, query = self.path.partition("?")
+            headers = {}
+            if path == "/" and console is not None:
+                if console.authorized(self.headers, query):
+                    status, body = 200, console.render().encode("utf-8")
+                    headers["Cache-Control"] = "no-store"
+                else:
+                    status, body = 401, ("Acesso negado: informe o STATUS_TOKEN (cabeçalho "
+                                         "X-Status-Token ou ?token=).\n").encode("utf-8")
+                    headers["WWW-Authenticate"] = 'Bearer realm="bemsoft-monitor"'
+                ctype = "text/html; charset=utf-8" if status == 200 else "text/plain; charset=utf-8"
+            elif path == "/metrics":
                 status, body, ctype = 200, generate_latest(registry), CONTENT_TYPE_LATEST
             elif path == "/healthz":
                 status, data = health(monitor, max_age)
@@ -116,6 +128,8 @@ def start_metrics_server(monitor, port: int, max_age: float, host: str = "127.0.
             self.send_response(status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
+            for name, value in headers.items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
 
@@ -125,5 +139,6 @@ def start_metrics_server(monitor, port: int, max_age: float, host: str = "127.0.
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    log.info("Métricas em http://%s:%d/metrics e saúde em /healthz.", host, server.server_port)
+    log.info("Métricas em http://%s:%d/metrics e saúde em /healthz%s.", host, server.server_port,
+             "; painel em /" if console is not None else "")
     return server
