@@ -67,10 +67,12 @@ def checkpoint_text(checkpoint: int | None) -> str:
     return "—" if checkpoint is None else str(checkpoint)
 
 
+def backlog_detail(more: bool = False) -> str:
+    return "além do checkpoint" + (" (e mais nas próximas páginas)" if more else "")
+
+
 def backlog_text(backlog: int | None, more: bool = False) -> str:
-    if backlog is None:
-        return "—"
-    return f"{count_items(backlog)} além do checkpoint" + (" (e mais nas próximas páginas)" if more else "")
+    return "—" if backlog is None else f"{count_items(backlog)} {backlog_detail(more)}"
 
 
 def ago(seconds: float) -> str:
@@ -335,11 +337,13 @@ def build_page(snap: Snapshot, settings: Settings, failures: FailureSummary, *,
     tz = settings.tz
     tiles = [
         ("Checkpoint", checkpoint_text(snap.checkpoint), "último CodItemSol com resultado registrado"),
-        ("Backlog", backlog_text(snap.backlog, snap.backlog_more), "itens lidos ainda sem resultado"),
-        ("Última entrega", last_delivery_text(snap.last_delivery, snap.now, tz), ""),
+        ("Backlog", "—" if snap.backlog is None else count_items(snap.backlog),
+         backlog_detail(snap.backlog_more) + ", ainda sem resultado"),
+        ("Última entrega", "nenhuma" if snap.last_delivery is None else moment(snap.last_delivery, tz, snap.now),
+         "" if snap.last_delivery is None else ago(snap.now - snap.last_delivery)),
         ("Entregas", f"{snap.delivered_today} hoje", f"{snap.delivered_hour} na última hora"),
         ("Falhas", f"{snap.failed_today} hoje", f"{snap.failed_hour} na última hora"),
-        ("Latência da API", f"mediana {millis(snap.latency_median)}", f"p95 {millis(snap.latency_p95)}"),
+        ("Latência da API", millis(snap.latency_median), f"mediana; p95 {millis(snap.latency_p95)}"),
     ]
     chart = [(f"{dt.datetime.fromtimestamp(m.start, tz):%H:%M}", m.delivered, m.failed, m.retried)
              for m in snap.minutes]
@@ -371,7 +375,7 @@ h1{font-size:18px;margin:0 0 12px;color:#374151}h2{font-size:16px;margin:24px 0 
 table{border-collapse:collapse;width:100%;font-size:13px}th,td{text-align:left;padding:4px 8px;border-bottom:1px solid #e5e7eb;white-space:nowrap}
 th{color:#6b7280;font-weight:600}td.wrap{white-space:normal}
 .tag{display:inline-block;border-radius:4px;padding:0 6px;color:#fff;font-size:12px}
-pre{background:#111827;color:#f9fafb;padding:8px 10px;border-radius:6px;overflow-x:auto;margin:8px 0 0}
+pre{background:#111827;color:#f9fafb;padding:8px 10px;border-radius:6px;margin:8px 0 0;white-space:pre-wrap;word-break:break-all}
 .legend span{display:inline-block;margin-right:14px;font-size:13px}.legend i{display:inline-block;width:10px;height:10px;margin-right:4px;vertical-align:middle}
 footer{color:#6b7280;font-size:12px;margin-top:18px}
 """
@@ -402,7 +406,8 @@ def chart_svg(chart: list[tuple[str, int, int, int]]) -> str:
                 parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{slot - 2:.1f}" height="{h:.1f}" fill="{color}"/>')
         parts.append("</g>")
         if index % 10 == 0 or index == len(chart) - 1:
-            parts.append(f'<text x="{x + slot / 2:.1f}" y="{height - 6}" text-anchor="middle" '
+            anchor = "end" if index == len(chart) - 1 else "middle"
+            parts.append(f'<text x="{min(x + slot / 2, width - 2):.1f}" y="{height - 6}" text-anchor="{anchor}" '
                          f'font-size="11" fill="#6b7280">{label}</text>')
     parts.append("</svg>")
     return "".join(parts)

@@ -80,11 +80,12 @@ def test_page_figures_banner_and_chart(tmp_path):
     assert page.banner.since == "desde 10:02:00 (há 1 min)"
     tiles = {label: (value, detail) for label, value, detail in page.tiles}
     assert tiles["Checkpoint"][0] == "4321"
-    assert tiles["Backlog"][0] == "12 itens além do checkpoint (e mais nas próximas páginas)"
-    assert tiles["Última entrega"][0] == "2026-11-29 10:00:00 (há 3 min)"
+    assert tiles["Backlog"] == ("12 itens", "além do checkpoint (e mais nas próximas páginas), "
+                                            "ainda sem resultado")
+    assert tiles["Última entrega"] == ("10:00:00", "há 3 min")
     assert tiles["Entregas"] == ("3 hoje", "3 na última hora")
     assert tiles["Falhas"] == ("1 hoje", "1 na última hora")
-    assert tiles["Latência da API"] == ("mediana 100 ms", "p95 1000 ms")
+    assert tiles["Latência da API"] == ("100 ms", "mediana; p95 1000 ms")
     assert [o[1] for o in page.outcomes] == ["9", "8", "7", "2", "1", "0"]
     assert page.outcomes[0] == ("10:03:00", "9", "4", "400", "20 ms", FAILED, "sol-9-k")
 
@@ -222,6 +223,15 @@ def test_status_token_rules(tmp_path, values, key):
     ok_values = {**base, "METRICS_PORT": "9100", "METRICS_HOST": "::1"}
     assert parse_settings(ok_values, base_dir=tmp_path).status_token == ""
     assert is_loopback("127.0.0.2") and is_loopback("localhost") and not is_loopback("0.0.0.0")
+
+
+def test_status_token_recipe_makes_a_valid_token(tmp_path):
+    result = run("-c", "import secrets; print(secrets.token_urlsafe(24))")
+    token = result.stdout.strip()
+    settings = parse_settings({"DATABASE_URL": "sqlite://", "TERCEIROS": "X", "BEMSOFT_DRY_RUN": "1",
+                               "METRICS_PORT": "9100", "METRICS_HOST": "0.0.0.0", "STATUS_TOKEN": token},
+                              base_dir=tmp_path)
+    assert settings.status_token == token
 
 
 def test_start_is_refused_off_loopback_without_status_token(env_file):
