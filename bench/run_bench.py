@@ -35,10 +35,12 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -265,7 +267,8 @@ class FakeApi:
 
 
 def write_env(path: Path, *, url: str, api: str, concurrency: int, batch_size: int,
-              log_level: str, failed_dir: Path, poll_seconds: float | None) -> None:
+              log_level: str, failed_dir: Path, poll_seconds: float | None,
+              metrics_port: int | None = None) -> None:
     lines = {
         "DATABASE_URL": url,
         "TERCEIROS": LAB,
@@ -282,6 +285,8 @@ def write_env(path: Path, *, url: str, api: str, concurrency: int, batch_size: i
     }
     if poll_seconds:
         lines["POLL_SECONDS"] = repr(poll_seconds)
+    if metrics_port:
+        lines["METRICS_PORT"] = str(metrics_port)
     path.write_text("".join(f"{k}={v}\n" for k, v in lines.items()), encoding="utf-8")
 
 
@@ -390,6 +395,38 @@ def run_monitor(env_file: Path, log_path: Path, wrap: list[str] | None, cprofile
     return Spawner.get().run(command, log_path)
 
 
+class PageRefresher:
+    """--page-refresh: loads the operator console (`/`) every `interval` seconds while the
+    monitor drains, as an operator's open browser tab would (its port is METRICS_PORT)."""
+
+    def __init__(self, interval: float):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.interval, self.pages, self.render_ms = interval, 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            started = time.perf_counter()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/", timeout=5) as resp:
+                    resp.read()
+            except OSError:
+                continue  # not listening yet, or already gone
+            self.pages += 1
+            self.render_ms.append((time.perf_counter() - started) * 1000)
+
+    def __enter__(self) -> "PageRefresher":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 # --------------------------------------------------------------------------- one run
 
 def one_run(args, concurrency: int, repeat: int, *, solicitations: int | None = None,
@@ -407,9 +444,11 @@ def one_run(args, concurrency: int, repeat: int, *, solicitations: int | None = 
         seed_s = time.perf_counter() - seed_started
         fake = FakeApi(lat, workdir)
         env_file = workdir / "bench.env"
+        refresher = PageRefresher(args.page_refresh) if args.page_refresh else None
         write_env(env_file, url=db.url, api=fake.url, concurrency=concurrency,
                   batch_size=args.batch_size, log_level=args.log_level,
-                  failed_dir=workdir / "failed", poll_seconds=args.poll_seconds)
+                  failed_dir=workdir / "failed", poll_seconds=args.poll_seconds,
+                  metrics_port=refresher.port if refresher else None)
         log_path = workdir / "monitor.log"
         wrap = shlex.split(args.wrap) if args.wrap else None
         cprofile = None
@@ -418,7 +457,11 @@ def one_run(args, concurrency: int, repeat: int, *, solicitations: int | None = 
         code = code_fingerprint()
         postmaster = db.postmaster_pid()
         pg_before = children_cpu_s(postmaster)
-        spawned = run_monitor(env_file, log_path, wrap, cprofile)
+        if refresher is not None:
+            with refresher:
+                spawned = run_monitor(env_file, log_path, wrap, cprofile)
+        else:
+            spawned = run_monitor(env_file, log_path, wrap, cprofile)
         time.sleep(0.3)  # the monitor's backends exit once its connections close
         pg_after = children_cpu_s(postmaster)
         times = parse_monitor_log(log_path, spawned["spawned_at"])
@@ -437,7 +480,10 @@ def one_run(args, concurrency: int, repeat: int, *, solicitations: int | None = 
             machine_busy_s=spawned["machine_busy_s"],
             code=code, db_cpu_s=(pg_after - pg_before if pg_before is not None
                                  and pg_after is not None else None),
-            extra={"spawner_rss_kib": spawned.get("spawner_rss_kib")})
+            extra={"spawner_rss_kib": spawned.get("spawner_rss_kib"),
+                   "pages": refresher.pages if refresher else None,
+                   "page_ms_median": statistics.median(refresher.render_ms)
+                   if refresher and refresher.render_ms else None})
         try:
             verify(result, state, expected_items, workdir, checkpoint)
         except BenchError:
@@ -696,6 +742,9 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wrap", metavar="COMANDO",
                         help="prefixo do comando do monitor, ex.: 'py-spy record -o x.json "
                              "--format speedscope --' (CPU/RSS passam a não valer)")
+    parser.add_argument("--page-refresh", type=float, metavar="SEGUNDOS",
+                        help="carrega o painel (/) a cada N segundos durante o dreno, como uma aba "
+                             "de navegador aberta (liga METRICS_PORT)")
     parser.add_argument("--cprofile", metavar="PREFIXO",
                         help="roda o monitor sob cProfile, gravando PREFIXO.c<C>.r<R>.prof")
 
@@ -736,7 +785,9 @@ def main(argv=None) -> int:
                 print(f"  repetição {repeat}, concorrência {c}: {result.wall_s:.2f} s, "
                       f"{result.sol_per_s:.1f} sol/s, {result.cpu_ms_per_sol:.3f} ms CPU/sol, "
                       f"{result.rss_mb:.1f} MB (verificado: {result.stored_tests} testes, "
-                      f"{result.posts} POSTs, checkpoint {result.checkpoint}; código {result.code})",
+                      f"{result.posts} POSTs, checkpoint {result.checkpoint}; código {result.code})"
+                      + (f"; painel carregado {result.extra['pages']} vez(es), mediana "
+                         f"{result.extra['page_ms_median'] or 0:.1f} ms" if args.page_refresh else ""),
                       flush=True)
     except BenchError as err:
         print(f"\nFALHA: {err}", file=sys.stderr)
