@@ -287,3 +287,75 @@ def test_status_command_says_what_the_page_says(env_file, legacy, tmp_path):
     assert "Sigiloso" not in result.stdout
     data = json.loads(next((tmp_path / "failed").glob("*.json")).read_text(encoding="utf-8"))
     assert data["event"]["paciente"]["nome"] == "Paciente Sigiloso"   # the file has it; we do not
+
+
+# ---------------------------------------------------------------- the loop feeds the board
+def test_monitor_feeds_outcomes_outage_and_checkpoint(harness):
+    board = StatusBoard(tz=SP)
+    harness.order(1, ["GLI", "TSH"])
+    harness.order(2, ["GLI"], patient={"sexo": None})
+    monitor = harness.monitor(BEMSOFT_RETRIES="0", BEMSOFT_BACKOFF="5", BEMSOFT_MAX_BACKOFF="5")
+    monitor.status = board
+    monitor.step()
+    snap = board.snapshot()
+    assert sorted((o.cod, o.outcome, o.items, o.http_status) for o in snap.outcomes) == [
+        ("1", DELIVERED, 2, 201), ("2", FAILED, 1, None)]
+    assert (snap.state, snap.checkpoint, snap.backlog) == ("sending", harness.checkpoint(), 0)
+    assert (snap.delivered_today, snap.failed_today) == (1, 1)
+    monitor.step()
+    assert board.snapshot().state == "up_to_date"
+    harness.api.fail_next(1, status=503)
+    harness.order(3, ["GLI"])
+    monitor.step()
+    snap = board.snapshot()
+    assert snap.state == "api_down" and snap.paused_until >= snap.now + 4
+    assert snap.outcomes[0].outcome == "retry" and snap.outcomes[0].http_status == 503
+    assert snap.backlog == 1 and snap.checkpoint == harness.checkpoint()
+
+
+def test_standby_instance_shows_it_then_takes_over(env_file, legacy, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from bemsoft_monitor.db import create_db_engine
+    from bemsoft_monitor.lock import InstanceLock
+    from conftest import ROOT
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with open(env_file, "a", encoding="utf-8") as fh:
+        fh.write(f"METRICS_PORT={port}\n")
+    engine = create_db_engine(legacy.settings_factory(legacy.url))
+    holder = InstanceLock(engine, "bemsoft")
+    assert holder.acquire()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BEMSOFT_", "DB_", "DATABASE_"))}
+    proc = subprocess.Popen([sys.executable, "monitor_bemsoft.py", "--env-file", str(env_file)],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
+
+    def banner():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+                return re.search(r'id="estado"><strong>([^<]+)</strong>', resp.read().decode()).group(1)
+        except OSError:
+            return None
+
+    def wait(text):
+        deadline = time.monotonic() + 60
+        while banner() != text:
+            assert time.monotonic() < deadline, f"o painel não mostrou {text!r}"
+            time.sleep(0.1)
+
+    try:
+        wait("Em espera")
+        holder.release()
+        wait("Em dia")
+    finally:
+        holder.release()
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+        engine.dispose()
+    assert proc.returncode == 0, err
