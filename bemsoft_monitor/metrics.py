@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -136,7 +137,10 @@ def start_metrics_server(monitor, port: int, max_age: float, host: str = "127.0.
         def log_message(self, fmt, *args):
             log.debug("metrics: " + fmt, *args)
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET  # METRICS_HOST=::1
+
+    server = Server((host, port), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     log.info("Métricas em http://%s:%d/metrics e saúde em /healthz%s.", host, server.server_port,

@@ -359,3 +359,22 @@ def test_standby_instance_shows_it_then_takes_over(env_file, legacy, tmp_path):
         _, err = proc.communicate(timeout=60)
         engine.dispose()
     assert proc.returncode == 0, err
+
+
+def test_page_served_on_ipv6_loopback(harness):
+    import socket
+
+    from bemsoft_monitor.metrics import start_metrics_server
+    if not socket.has_ipv6:
+        pytest.skip("sem IPv6 nesta máquina")
+    monitor = harness.monitor(METRICS_HOST="::1")
+    try:
+        server = start_metrics_server(monitor, 0, max_age=60, host="::1",
+                                      console=Console(monitor.status, monitor.settings))
+    except OSError as err:  # IPv6 disabled in the kernel
+        pytest.skip(f"::1 indisponível: {err}")
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{server.server_port}/", timeout=5) as resp:
+            assert ">Iniciando</strong>" in resp.read().decode("utf-8")
+    finally:
+        server.shutdown()
