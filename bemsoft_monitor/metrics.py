@@ -112,7 +112,11 @@ def start_metrics_server(monitor, port: int, max_age: float, host: str = "127.0.
             headers = {}
             if path == "/" and console is not None:
                 if console.authorized(self.headers, query):
-                    status, body = 200, console.render().encode("utf-8")
+                    try:
+                        status, body = 200, console.render().encode("utf-8")
+                    except Exception:  # a bug costs this page load, never the monitor
+                        log.exception("Erro ao montar o painel")
+                        status, body = 500, "Erro ao montar o painel; veja o log.\n".encode("utf-8")
                     headers["Cache-Control"] = "no-store"
                 else:
                     status, body = 401, ("Acesso negado: informe o STATUS_TOKEN (cabeçalho "
@@ -133,6 +137,10 @@ def start_metrics_server(monitor, port: int, max_age: float, host: str = "127.0.
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
+
+        def log_request(self, code="-", size="-"):
+            # the path only: a ?token= must not reach the log
+            log.debug("metrics: %s %s %s", self.command, self.path.partition("?")[0], code)
 
         def log_message(self, fmt, *args):
             log.debug("metrics: " + fmt, *args)

@@ -378,3 +378,20 @@ def test_page_served_on_ipv6_loopback(harness):
             assert ">Iniciando</strong>" in resp.read().decode("utf-8")
     finally:
         server.shutdown()
+
+
+def test_token_in_the_query_never_reaches_the_log(harness, caplog):
+    from bemsoft_monitor.metrics import start_metrics_server
+    monitor = harness.monitor(STATUS_TOKEN="painel-token-0123456789")
+    server = start_metrics_server(monitor, 0, max_age=60,
+                                  console=Console(monitor.status, monitor.settings))
+    try:
+        with caplog.at_level("DEBUG", logger="bemsoft_monitor.metrics"):
+            url = f"http://127.0.0.1:{server.server_port}/?token=painel-token-0123456789"
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                assert resp.status == 200
+            server.shutdown()
+    finally:
+        server.server_close()
+    assert "metrics: GET / 200" in caplog.text
+    assert "painel-token-0123456789" not in caplog.text
