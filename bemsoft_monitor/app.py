@@ -21,6 +21,7 @@ from .failures import FailureStore
 from .monitor import Monitor
 from .retry import PauseGate
 from .source import LegacySource
+from .status import StatusBoard
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -80,13 +81,14 @@ def make_catalog(settings: Settings, client: BemsoftClient | None):
 
 
 def build_monitor(settings: Settings, *, engine: sa.Engine | None = None,
-                  shutdown: threading.Event | None = None, on_dry_run=None) -> Monitor:
+                  shutdown: threading.Event | None = None, on_dry_run=None,
+                  status: StatusBoard | None = None) -> Monitor:
     engine = engine if engine is not None else create_db_engine(settings)
     shutdown = shutdown or threading.Event()
     client = make_client(settings, shutdown)
     return Monitor(settings, LegacySource(engine, settings.monitor_name, settings.terceiros),
                    client, make_catalog(settings, client), FailureStore(settings.failed_dir),
-                   shutdown=shutdown, on_dry_run=on_dry_run)
+                   shutdown=shutdown, on_dry_run=on_dry_run, status=status)
 
 
 SHUTDOWN_SIGNALS = ("SIGINT", "SIGTERM", "SIGBREAK")

@@ -2,15 +2,15 @@
 where things stand. Output is pt-BR text on stdout."""
 from __future__ import annotations
 
-import collections
 import datetime as dt
 import logging
 import sys
+import time
 
 from .catalog import Catalog, CatalogUnavailable
 from .client import ApiError, BemsoftClient
 from .config import ConfigError, Settings
-from .failures import FailureFileError, FailureStore
+from .failures import FailureStore
 from .monitor import count_items
 
 log = logging.getLogger(__name__)
@@ -86,26 +86,13 @@ def run_checks(settings: Settings, out=None) -> int:
     return 1 if problems else 0
 
 
-def summarize_failures(store: FailureStore) -> dict:
-    files = store.files()
-    reasons = collections.Counter()
-    unreadable = []
-    oldest = None
-    for path in files:
-        try:
-            record = store.load(path)
-        except FailureFileError:
-            unreadable.append(path)
-            continue
-        reasons[record.reason.split(":")[0][:90]] += 1
-        if record.created_at and (oldest is None or record.created_at < oldest):
-            oldest = record.created_at
-    return {"count": len(files), "oldest": oldest, "reasons": reasons, "unreadable": unreadable}
-
-
-def print_status(settings: Settings, out=None) -> int:
+def print_status(settings: Settings, out=None, env_file: str | None = None) -> int:
+    """Checkpoint, backlog and last delivery from the database; FAILED_DIR grouped by reason.
+    The words are the operator console's (bemsoft_monitor.console), so both say the same."""
     from sqlalchemy.exc import DBAPIError
 
+    from .console import (FailureScan, backlog_text, checkpoint_text, failure_lines,
+                          last_delivery_text, replay_command)
     from .db import DatabaseUnavailable, connect_check, create_db_engine, describe_connect_error
     from .source import LegacySource
 
@@ -125,13 +112,10 @@ def print_status(settings: Settings, out=None) -> int:
             print(f"Checkpoint: nenhum (o monitor '{settings.monitor_name}' ainda não rodou)", file=out)
             print(f"Backlog: {count_items(source.count_backlog(0))} de apoio no banco", file=out)
         else:
-            print(f"Checkpoint: {checkpoint}", file=out)
-            print(f"Backlog: {count_items(source.count_backlog(checkpoint))} além do checkpoint", file=out)
-        if last is not None:
-            when = last.replace(tzinfo=dt.timezone.utc).astimezone(settings.tz)
-            print(f"Última entrega: {when:%Y-%m-%d %H:%M:%S %z}", file=out)
-        else:
-            print("Última entrega: nenhuma registrada", file=out)
+            print(f"Checkpoint: {checkpoint_text(checkpoint)}", file=out)
+            print(f"Backlog: {backlog_text(source.count_backlog(checkpoint))}", file=out)
+        when = None if last is None else last.replace(tzinfo=dt.timezone.utc).timestamp()
+        print(f"Última entrega: {last_delivery_text(when, time.time(), settings.tz)}", file=out)
     except (DatabaseUnavailable, ConfigError) as err:
         print(f"Banco de dados: {err}", file=out)
         code = 1
@@ -141,12 +125,8 @@ def print_status(settings: Settings, out=None) -> int:
     finally:
         if engine is not None:
             engine.dispose()
-    summary = summarize_failures(FailureStore(settings.failed_dir))
-    print(f"Falhas em {settings.failed_dir}: {summary['count']} arquivo(s)"
-          + (f", a mais antiga de {summary['oldest']}" if summary["oldest"] else ""), file=out)
-    for reason, count in summary["reasons"].most_common():
-        print(f"  {count:5d}  {reason}", file=out)
-    for path in summary["unreadable"]:
-        print(f"  ilegível: {path.name}", file=out)
+    summary = FailureScan(settings.failed_dir).summary()
+    for line in failure_lines(summary, settings.tz, replay_command(settings.failed_dir, env_file)):
+        print(line, file=out)
     out.flush()
     return code

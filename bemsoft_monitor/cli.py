@@ -73,18 +73,20 @@ def main(argv=None) -> int:
         return run_checks(settings)
     if args.status:
         from .checks import print_status
-        return print_status(settings)
+        return print_status(settings, env_file=args.env_file)
     return run_monitor(settings, "once" if args.once else "drain" if args.drain else "loop",
-                       stop_file=args.stop_file)
+                       stop_file=args.stop_file, env_file=args.env_file)
 
 
-def run_monitor(settings: Settings, mode: str, stop_file: str | None = None) -> int:
+def run_monitor(settings: Settings, mode: str, stop_file: str | None = None,
+                env_file: str | None = None) -> int:
     from .app import build_monitor, install_signal_handlers, watch_stop_file
     from sqlalchemy.exc import DBAPIError
 
     from .db import DatabaseUnavailable, connect_check, describe_connect_error
     from .lock import InstanceLock
     from .monitor import StartError
+    from .status import StatusBoard
 
     shutdown = threading.Event()
     install_signal_handlers(shutdown)
@@ -95,24 +97,20 @@ def run_monitor(settings: Settings, mode: str, stop_file: str | None = None) -> 
     if stop_file:
         watch_stop_file(stop_file, shutdown)
     monitor = lock = metrics = None
+    board = StatusBoard(tz=settings.tz, dry_run=settings.dry_run)
     try:
-        monitor = build_monitor(settings, shutdown=shutdown, on_dry_run=_print_payload)
+        monitor = build_monitor(settings, shutdown=shutdown, on_dry_run=_print_payload, status=board)
         connect_check(monitor.source.engine, settings)
+        if settings.metrics_port:  # before the lock: a standby shows its state too
+            metrics = _start_metrics(monitor, settings, board, env_file)
+            if metrics is None:
+                return 2
         if not settings.dry_run:  # DRY_RUN writes nothing and sends nothing: no lock needed
             lock = InstanceLock(monitor.source.engine, settings.monitor_name)
-            if not wait_for_lock(lock, mode, shutdown):
+            if not wait_for_lock(lock, mode, shutdown, status=board):
                 return 0 if shutdown.is_set() else 4
             monitor.lock = lock
         monitor.start()
-        if settings.metrics_port:
-            from .metrics import start_metrics_server
-            try:
-                metrics = start_metrics_server(monitor, settings.metrics_port,
-                                               settings.health_max_age, settings.metrics_host)
-            except OSError as err:
-                log.error("Não foi possível abrir METRICS_PORT=%s em %s: %s", settings.metrics_port,
-                          settings.metrics_host, err)
-                return 2
         log.info("Monitor iniciado (%s): laboratórios %s, %s, concorrência %d.",
                  mode, ", ".join(settings.terceiros),
                  "DRY_RUN (nada é enviado nem gravado)" if settings.dry_run else settings.requests_url,
@@ -145,7 +143,25 @@ def run_monitor(settings: Settings, mode: str, stop_file: str | None = None) -> 
     return code
 
 
-def wait_for_lock(lock, mode: str, shutdown: threading.Event, retry_every: float = 15.0) -> bool:
+def _start_metrics(monitor, settings: Settings, board, env_file: str | None):
+    """/metrics, /healthz and the operator console at /; None if the port cannot be opened."""
+    from .config import environment_proxy
+    from .console import Console
+    from .metrics import start_metrics_server
+
+    console = Console(board, settings, env_file=env_file,
+                      proxy=getattr(settings, "proxy", None) or environment_proxy())
+    try:
+        return start_metrics_server(monitor, settings.metrics_port, settings.health_max_age,
+                                    settings.metrics_host, console=console)
+    except OSError as err:
+        log.error("Não foi possível abrir METRICS_PORT=%s em %s: %s", settings.metrics_port,
+                  settings.metrics_host, err)
+        return None
+
+
+def wait_for_lock(lock, mode: str, shutdown: threading.Event, retry_every: float = 15.0,
+                  status=None) -> bool:
     """Single instance: --once/--drain exit at once; the loop waits as a standby."""
     if lock.acquire():
         return True
@@ -156,6 +172,8 @@ def wait_for_lock(lock, mode: str, shutdown: threading.Event, retry_every: float
     log.warning("Outro monitor '%s' já está ativo neste banco (%s). Este fica em espera e "
                 "assume quando o outro parar (nova tentativa a cada %.0f s).",
                 lock.name, lock.describe(), retry_every)
+    if status is not None:
+        status.standby()
     while not shutdown.wait(retry_every):
         if lock.acquire():
             log.info("Bloqueio obtido: este monitor assume o envio.")

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import ipaddress
 import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
@@ -40,7 +42,7 @@ KNOWN_KEYS = (
     "DEFAULT_GENDER", "DEFAULT_BIRTHDATE",
     "PHYSICIAN_NAME", "PHYSICIAN_COUNCIL", "PHYSICIAN_NUMBER", "PHYSICIAN_UF",
     "TIMEZONE", "START_FROM", "LOOKBACK_ITEMS", "BATCH_SIZE", "MONITOR_NAME",
-    "LOG_LEVEL", "LOG_FILE", "METRICS_PORT", "METRICS_HOST", "HEALTH_MAX_AGE",
+    "LOG_LEVEL", "LOG_FILE", "METRICS_PORT", "METRICS_HOST", "HEALTH_MAX_AGE", "STATUS_TOKEN",
 )
 
 
@@ -116,6 +118,7 @@ class Settings:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     health_max_age: float = 300.0
+    status_token: str = field(default="", repr=False)  # required for `/` off loopback
     notes: tuple[str, ...] = ()  # warnings to log once logging is set up
 
     @property
@@ -319,6 +322,20 @@ def parse_settings(values: Mapping[str, str | None], base_dir: Path = PROJECT_DI
     if metrics_port is not None:
         metrics_port = int(r.number("METRICS_PORT", 0, minimum=1, maximum=65535, integer=True))
 
+    metrics_host = r.str("METRICS_HOST", "127.0.0.1")
+    if not _HOSTNAME.match(metrics_host) and not _is_ip(metrics_host):
+        raise ConfigError("METRICS_HOST", "deve ser um endereço IP (ex.: 127.0.0.1, 0.0.0.0) ou "
+                                          f"um nome de máquina (recebido: {metrics_host!r})")
+    status_token = r.str("STATUS_TOKEN", "") or ""
+    if status_token and not _TOKEN.match(status_token):
+        raise ConfigError("STATUS_TOKEN", "deve ter ao menos 16 caracteres, sem espaços "
+                                          "(gere um valor aleatório, ex.: python -c \"import "
+                                          "secrets; print(secrets.token_urlsafe(24))\")")
+    if metrics_port is not None and not is_loopback(metrics_host) and not status_token:
+        raise ConfigError("STATUS_TOKEN", f"é obrigatório com METRICS_HOST={metrics_host} (fora de "
+                                          "127.0.0.1): o painel em / mostra a situação do envio a "
+                                          "quem alcançar a porta; gere um valor aleatório")
+
     batch_size = int(r.number("BATCH_SIZE", 500, minimum=1, maximum=2000, integer=True))
     # at most 2000: SQL Server takes at most 2100 parameters in one statement
 
@@ -365,10 +382,41 @@ def parse_settings(values: Mapping[str, str | None], base_dir: Path = PROJECT_DI
         log_level=log_level,
         log_file=log_file,
         metrics_port=metrics_port,
-        metrics_host=r.str("METRICS_HOST", "127.0.0.1"),
+        metrics_host=metrics_host,
         health_max_age=r.number("HEALTH_MAX_AGE", 300.0, minimum=1.0, maximum=7 * 86400),
+        status_token=status_token,
         notes=tuple(notes),
     )
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_TOKEN = re.compile(r"^[\x21-\x7e]{16,}$")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: reachable from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def environment_proxy(environ: Mapping[str, str] | None = None) -> str | None:
+    """The HTTPS proxy named in the process environment (HTTPS_PROXY / https_proxy), for
+    display: the console shows which proxy the API calls would go through."""
+    env = os.environ if environ is None else environ
+    return env.get("HTTPS_PROXY") or env.get("https_proxy") or None
 
 
 def load_test_map(path: Path) -> dict[str, TestMapping]:

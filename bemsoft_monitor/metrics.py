@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -92,8 +93,10 @@ def health(monitor, max_age: float) -> tuple[int, dict]:
                                   "limite_segundos": max_age, "checkpoint": monitor.checkpoint}
 
 
-def start_metrics_server(monitor, port: int, max_age: float, host: str = "127.0.0.1"):
-    """Serve /metrics and /healthz in a daemon thread; returns the server (call shutdown())."""
+def start_metrics_server(monitor, port: int, max_age: float, host: str = "127.0.0.1",
+                         console=None):
+    """Serve /metrics and /healthz (and, given a `console`, the operator page at /) in a
+    daemon thread; returns the server (call shutdown())."""
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -105,8 +108,22 @@ def start_metrics_server(monitor, port: int, max_age: float, host: str = "127.0.
         wbufsize = 64 * 1024
 
         def do_GET(self):
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
+            path, _, query = self.path.partition("?")
+            headers = {}
+            if path == "/" and console is not None:
+                if console.authorized(self.headers, query):
+                    try:
+                        status, body = 200, console.render().encode("utf-8")
+                    except Exception:  # a bug costs this page load, never the monitor
+                        log.exception("Erro ao montar o painel")
+                        status, body = 500, "Erro ao montar o painel; veja o log.\n".encode("utf-8")
+                    headers["Cache-Control"] = "no-store"
+                else:
+                    status, body = 401, ("Acesso negado: informe o STATUS_TOKEN (cabeçalho "
+                                         "X-Status-Token ou ?token=).\n").encode("utf-8")
+                    headers["WWW-Authenticate"] = 'Bearer realm="bemsoft-monitor"'
+                ctype = "text/html; charset=utf-8" if status == 200 else "text/plain; charset=utf-8"
+            elif path == "/metrics":
                 status, body, ctype = 200, generate_latest(registry), CONTENT_TYPE_LATEST
             elif path == "/healthz":
                 status, data = health(monitor, max_age)
@@ -116,14 +133,24 @@ def start_metrics_server(monitor, port: int, max_age: float, host: str = "127.0.
             self.send_response(status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
+            for name, value in headers.items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
+
+        def log_request(self, code="-", size="-"):
+            # the path only: a ?token= must not reach the log
+            log.debug("metrics: %s %s %s", self.command, self.path.partition("?")[0], code)
 
         def log_message(self, fmt, *args):
             log.debug("metrics: " + fmt, *args)
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET  # METRICS_HOST=::1
+
+    server = Server((host, port), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    log.info("Métricas em http://%s:%d/metrics e saúde em /healthz.", host, server.server_port)
+    log.info("Métricas em http://%s:%d/metrics e saúde em /healthz%s.", host, server.server_port,
+             "; painel em /" if console is not None else "")
     return server

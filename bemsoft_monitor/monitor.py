@@ -25,6 +25,7 @@ from .payload import TransformError, build_payload, idempotency_key, make_event
 from .retry import PauseGate
 from .schema import DELIVERED, FAILED, NOFILE
 from .source import ItemRow, LegacySource, Outcome
+from .status import StatusBoard
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,10 @@ class Monitor:
     def __init__(self, settings: Settings, source: LegacySource, client: BemsoftClient | None,
                  catalog, failures: FailureStore, *, shutdown: threading.Event | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 on_dry_run: Callable[[dict, str], None] | None = None):
+                 on_dry_run: Callable[[dict, str], None] | None = None,
+                 status: StatusBoard | None = None):
         self.settings = settings
+        self.status = status or StatusBoard(tz=settings.tz, dry_run=settings.dry_run)
         self.source = source
         self.client = client
         self.catalog = catalog
@@ -231,6 +234,7 @@ class Monitor:
         self._advance()
         result.more = bool(self._inflight) or (catching_up and not (catalog_down or result.transient))
         self.last_cycle_at = time.time()
+        self.status.cycle_done(bool(result.ready or result.held or result.more), self.gate.remaining())
         return result
 
     def finish(self) -> None:
@@ -431,6 +435,7 @@ class Monitor:
                     result.sent += 1
                     self._settle(job, result)
                 result.settled.append(job)
+                self.status.settled(job.cod, len(job.item_ids), job.key, job.outcome, job.delivery)
                 self._inflight_ids.difference_update(job.item_ids)
                 if job.outcome is None:
                     self._waiting.update(job.item_ids)
@@ -536,6 +541,7 @@ class Monitor:
         delay = max(self.settings.backoff, 1.0) * 2 ** (self._failed_cycles - 1)
         delay = min(self.settings.max_backoff, max(delay, retry_after))
         self.gate.pause(delay)
+        self.status.api_paused(delay)
         what = "catálogo /tests indisponível" if catalog_down else "API com falhas transitórias"
         log.warning("%s: envio pausado por %.0f s (ciclo %d com falha); nada foi descartado.",
                     what, delay, self._failed_cycles)
@@ -575,6 +581,7 @@ class Monitor:
             if floor is not None:
                 self.floor = floor
         self.checkpoint = target
+        self.status.progress(target, len(self._waiting) + len(self._inflight_ids), self._cursor is not None)
 
     # ------------------------------------------------------------------ the loop
     def run(self, mode: str = "loop") -> int:
@@ -591,6 +598,7 @@ class Monitor:
                     log.error("Banco de dados indisponível (%s). Tentando reconectar; nada é "
                               "enviado nem perdido enquanto isso.", _short(err))
                     self._db_down = True
+                self.status.db_down()
                 self.gate.sleep(backoff)
                 backoff = min(backoff * 2, DB_RETRY_MAX)
                 continue

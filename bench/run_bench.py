@@ -34,11 +34,14 @@ import platform
 import re
 import shlex
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -312,6 +315,38 @@ def run_monitor(env_file: Path, log_path: Path, wrap: list[str] | None, cprofile
     return Spawner.get().run(command, log_path)
 
 
+class PageRefresher:
+    """--page-refresh: loads the operator console (`/`) every `interval` seconds while the
+    monitor drains, as an operator's open browser tab would (its port is METRICS_PORT)."""
+
+    def __init__(self, interval: float):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.interval, self.pages, self.render_ms = interval, 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            started = time.perf_counter()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/", timeout=5) as resp:
+                    resp.read()
+            except OSError:
+                continue  # not listening yet, or already gone
+            self.pages += 1
+            self.render_ms.append((time.perf_counter() - started) * 1000)
+
+    def __enter__(self) -> "PageRefresher":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 # --------------------------------------------------------------------------- one run
 
 def one_run(args, concurrency: int, repeat: int, *, solicitations: int | None = None,
@@ -331,10 +366,12 @@ def one_run(args, concurrency: int, repeat: int, *, solicitations: int | None = 
             fake = FakeApiProcess(latency=lat, keep_requests=1000, log=workdir / "fakeapi.log")
         except RuntimeError as err:
             raise BenchError(str(err)) from err
+        refresher = PageRefresher(args.page_refresh) if args.page_refresh else None
         env_file = write_env(workdir, db.url, fake.url, BATCH_SIZE=args.batch_size,
                              BEMSOFT_CONCURRENCY=concurrency, LOG_LEVEL=args.log_level,
                              LOG_FILE="-", **({"POLL_SECONDS": repr(args.poll_seconds)}
-                                              if args.poll_seconds else {}))
+                                              if args.poll_seconds else {}),
+                             **({"METRICS_PORT": refresher.port} if refresher else {}))
         log_path = workdir / "monitor.log"
         wrap = shlex.split(args.wrap) if args.wrap else None
         cprofile = None
@@ -343,7 +380,11 @@ def one_run(args, concurrency: int, repeat: int, *, solicitations: int | None = 
         code = code_fingerprint()
         postmaster = db.postmaster_pid()
         pg_before = children_cpu_s(postmaster)
-        spawned = run_monitor(env_file, log_path, wrap, cprofile)
+        if refresher is not None:
+            with refresher:
+                spawned = run_monitor(env_file, log_path, wrap, cprofile)
+        else:
+            spawned = run_monitor(env_file, log_path, wrap, cprofile)
         time.sleep(0.3)  # the monitor's backends exit once its connections close
         pg_after = children_cpu_s(postmaster)
         times = parse_monitor_log(log_path, spawned["spawned_at"])
@@ -362,7 +403,10 @@ def one_run(args, concurrency: int, repeat: int, *, solicitations: int | None = 
             machine_busy_s=spawned["machine_busy_s"],
             code=code, db_cpu_s=(pg_after - pg_before if pg_before is not None
                                  and pg_after is not None else None),
-            extra={"spawner_rss_kib": spawned.get("spawner_rss_kib")})
+            extra={"spawner_rss_kib": spawned.get("spawner_rss_kib"),
+                   "pages": refresher.pages if refresher else None,
+                   "page_ms_median": statistics.median(refresher.render_ms)
+                   if refresher and refresher.render_ms else None})
         try:
             verify(result, state, expected_items, workdir, checkpoint)
         except BenchError:
@@ -608,6 +652,9 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wrap", metavar="COMANDO",
                         help="prefixo do comando do monitor, ex.: 'py-spy record -o x.json "
                              "--format speedscope --' (CPU/RSS passam a não valer)")
+    parser.add_argument("--page-refresh", type=float, metavar="SEGUNDOS",
+                        help="carrega o painel (/) a cada N segundos durante o dreno, como uma aba "
+                             "de navegador aberta (liga METRICS_PORT)")
     parser.add_argument("--cprofile", metavar="PREFIXO",
                         help="roda o monitor sob cProfile, gravando PREFIXO.c<C>.r<R>.prof")
 
@@ -648,7 +695,9 @@ def main(argv=None) -> int:
                 print(f"  repetição {repeat}, concorrência {c}: {result.wall_s:.2f} s, "
                       f"{result.sol_per_s:.1f} sol/s, {result.cpu_ms_per_sol:.3f} ms CPU/sol, "
                       f"{result.rss_mb:.1f} MB (verificado: {result.stored_tests} testes, "
-                      f"{result.posts} POSTs, checkpoint {result.checkpoint}; código {result.code})",
+                      f"{result.posts} POSTs, checkpoint {result.checkpoint}; código {result.code})"
+                      + (f"; painel carregado {result.extra['pages']} vez(es), mediana "
+                         f"{result.extra['page_ms_median'] or 0:.1f} ms" if args.page_refresh else ""),
                       flush=True)
     except BenchError as err:
         print(f"\nFALHA: {err}", file=sys.stderr)
