@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How long the operator console (`/`) takes to render with N failure files in FAILED_DIR.
 
-    python bench/console_bench.py [--files 1000] [--repeat 200]
+    python -m bench.console_bench [--files 1000] [--repeat 200]
 
 Writes N failure files (FailureStore, realistic size: a solicitation with 3 items and its
 patient) to a temporary folder, fills a StatusBoard with an hour of outcomes, then measures
@@ -21,13 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bemsoft_monitor.client import Delivery  # noqa: E402
-from bemsoft_monitor.config import parse_settings  # noqa: E402
-from bemsoft_monitor.console import Console, FailureScan  # noqa: E402
-from bemsoft_monitor.failures import FailureRecord, FailureStore  # noqa: E402
-from bemsoft_monitor.status import DELIVERED, FAILED, StatusBoard  # noqa: E402
+from bemsoft_monitor.client import Delivery
+from bemsoft_monitor.config import parse_settings
+from bemsoft_monitor.console import Console, FailureScan
+from bemsoft_monitor.failures import FailureRecord, FailureStore
+from bemsoft_monitor.status import DELIVERED, FAILED, StatusBoard
 
 REASONS = ["paciente pat-{n} sem sexo M/F: preencha paciente.sexo ou defina DEFAULT_GENDER",
            "API rejeitou o pedido (HTTP 400, validação): {{\"errors\": [\"x\"]}}",

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-import browser
+from bemsoft_monitor.testing import browser
 from conftest import IN_CI, ROOT, TOKEN, run
 
 STATUS_TOKEN = "painel-e2e-token-4f9a1c2b"
@@ -127,7 +127,7 @@ def test_console_in_chromium_shows_outage_failures_and_no_patient_data(
 def test_docs_screenshot_script_draws_the_panel(tmp_path):
     require_chromium()
     out = tmp_path / "painel.png"
-    result = run("docs/make_painel_png.py", str(out), timeout=120)
+    result = run("-m", "bemsoft_monitor.testing.painel_png", str(out), timeout=120)
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
 

@@ -1,4 +1,4 @@
-"""Headless Chromium for the console tests and docs/make_painel_png.py: Debian's `chromium`
+"""Headless Chromium for the console tests and bemsoft_monitor.testing.painel_png: Debian's `chromium`
 and `chromium-driver` (installed by .ci/run), driven by selenium with both paths given, so
 nothing ever downloads a browser or a driver (selenium-manager does not run)."""
 from __future__ import annotations

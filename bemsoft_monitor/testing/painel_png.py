@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Draws docs/painel.png: the operator console after a simulated hour (steady deliveries, a
 ten-minute API outage, the catch-up after it, a few failures waiting in FAILED_DIR), rendered
-by the real console code and photographed by headless Chromium (see tests/browser.py).
+by the real console code and photographed by headless Chromium (see `browser.py`).
 
-    python docs/make_painel_png.py docs/painel.png
+    python -m bemsoft_monitor.testing.painel_png docs/painel.png
 
 Everything is made up: the StatusBoard runs on an injected clock, the failure files are
 written to a temporary folder with invented patients (who do not appear on the page)."""
@@ -15,14 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from bemsoft_monitor.client import Delivery  # noqa: E402
-from bemsoft_monitor.config import parse_settings  # noqa: E402
-from bemsoft_monitor.console import Console  # noqa: E402
-from bemsoft_monitor.failures import FailureRecord, FailureStore  # noqa: E402
-from bemsoft_monitor.status import DELIVERED, FAILED, StatusBoard  # noqa: E402
+from bemsoft_monitor.client import Delivery
+from bemsoft_monitor.config import PROJECT_DIR as ROOT, parse_settings
+from bemsoft_monitor.console import Console
+from bemsoft_monitor.failures import FailureRecord, FailureStore
+from bemsoft_monitor.status import DELIVERED, FAILED, StatusBoard
 
 FAILURES = [  # (reason, http status, how many)
     ("API rejeitou o pedido (HTTP 400, validação): {{\"errors\": [\"...\"]}}", 400, 3),
@@ -69,7 +66,7 @@ def simulate(board: StatusBoard, clock: list[float], failures: FailureStore) -> 
 
 
 def main(argv: list[str]) -> int:
-    import browser
+    from bemsoft_monitor.testing import browser
 
     out = Path(argv[1] if len(argv) > 1 else ROOT / "docs" / "painel.png").resolve()
     why = browser.missing()
