@@ -60,6 +60,8 @@ def run_checks(settings: Settings, out=None) -> int:
         if engine is not None:
             engine.dispose()
 
+    for ok, text in describe_route(settings):
+        _line(ok, text, out)
     if settings.token:
         client = BemsoftClient(settings)
         catalog = Catalog(client.fetch_tests, settings.tests_ttl)
@@ -84,6 +86,25 @@ def run_checks(settings: Settings, out=None) -> int:
     print(("Tudo certo." if not problems else f"{problems} problema(s) encontrado(s)."),
           file=out, flush=True)
     return 1 if problems else 0
+
+
+def describe_route(settings: Settings) -> list[tuple[bool | None, str]]:
+    """How the monitor reaches the API: which proxy (credentials masked) and which CAs."""
+    lines = []
+    proxy = settings.proxy
+    if proxy is None:
+        lines.append((True, f"Rota até a API: direta, sem proxy ({settings.base_url})"))
+    else:
+        lines.append((True, f"Rota até a API: via proxy {proxy.display} (de {proxy.source})"))
+    if not settings.base_url.startswith("https"):
+        lines.append((None, f"BEMSOFT_BASE_URL usa http:// sem criptografia ({settings.base_url})"))
+    elif not settings.verify_tls:
+        lines.append((None, "BEMSOFT_VERIFY=0: o certificado da API NÃO é verificado"))
+    elif settings.ca_bundle is not None:
+        lines.append((True, f"Certificados: os do sistema + BEMSOFT_CA_BUNDLE={settings.ca_bundle}"))
+    else:
+        lines.append((True, "Certificados: os do sistema (sem BEMSOFT_CA_BUNDLE)"))
+    return lines
 
 
 def summarize_failures(store: FailureStore) -> dict:

@@ -55,7 +55,9 @@ def main(argv=None) -> int:
     if args.dry_run:
         settings = settings.with_overrides(dry_run=True)
 
-    from .app import setup_logging
+    from .app import protect_private_data, setup_logging
+    if not (args.check or args.status):
+        protect_private_data(settings)
     setup_logging(settings, to_file=not (args.check or args.status))
     if args.check:
         from .checks import run_checks

@@ -124,7 +124,7 @@ def test_retry_limit_and_single_file(env_file, legacy, tmp_path):
 
 
 def test_a_claimed_file_is_not_sent_by_another_replay(env_file, legacy, api, tmp_path):
-    from bemsoft_monitor.replay import claim, release_stale_claims
+    from bemsoft_monitor.replay import CLAIM_MARK, claim, release_stale_claims
     make_failures(legacy, env_file)
     with open(env_file, "a", encoding="utf-8") as fh:
         fh.write("DEFAULT_GENDER=F\n")
@@ -134,7 +134,9 @@ def test_a_claimed_file_is_not_sent_by_another_replay(env_file, legacy, api, tmp
     result = run("retry_failed.py", "--env-file", str(env_file), "--send", "--file", str(target))
     assert "arquivo não encontrado" in result.stdout
     # a claim whose process died is given back
-    dead = claimed.with_name(claimed.name.rsplit("-", 1)[0] + "-999999")
+    pid, stamp = claimed.name.rsplit(CLAIM_MARK, 1)[1].split("-")
+    assert int(pid) == os.getpid() and abs(int(stamp) - time.time()) < 60
+    dead = claimed.with_name(f"{target.name}{CLAIM_MARK}999999-{stamp}")   # a recent claim
     claimed.rename(dead)
     assert release_stale_claims(tmp_path / "failed") == [target]
     assert target.exists()
