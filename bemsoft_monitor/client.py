@@ -321,9 +321,8 @@ class BemsoftClient:
         with self._outage_lock:
             if unexpected and self._unexpected_since is None:
                 self._unexpected_since = time.monotonic()
-                log.warning("%s: %s respondeu em vez da API (%s). Os pedidos ficam aguardando e "
-                            "são reenviados com a mesma chave; nada é descartado.",
-                            UNEXPECTED, self.settings.base_url, reason)
+                log.warning("%s, vinda de %s. Os pedidos ficam aguardando e são reenviados com "
+                            "a mesma chave; nada é descartado.", reason, self.settings.base_url)
             elif not unexpected and status is not None and self._unexpected_since is not None:
                 self._unexpected_since = None
                 log.warning("A API voltou a responder (HTTP %s); envio normal.", status)

@@ -368,9 +368,9 @@ def parse_settings(values: Mapping[str, str | None], base_dir: Path = PROJECT_DI
                                               f"https://bemsoft.ws.wiselab.com.br (recebido: {base_url!r})")
     if (parts.scheme == "http" and not is_loopback(parts.hostname)
             and not r.bool("BEMSOFT_ALLOW_HTTP", False)):
-        raise ConfigError("BEMSOFT_BASE_URL", "usa http:// sem criptografia: o token e os dados "
-                                              "dos pacientes passariam em claro. Use https:// "
-                                              "(ou BEMSOFT_ALLOW_HTTP=1 se for mesmo o caso)")
+        raise ConfigError("BEMSOFT_BASE_URL", "deve usar https:// (com http:// o token e os "
+                                              "dados dos pacientes passariam em claro); para "
+                                              "aceitar http:// mesmo assim, BEMSOFT_ALLOW_HTTP=1")
     proxy = select_proxy(values, base_url)
     ca_bundle = r.path("BEMSOFT_CA_BUNDLE", None)
     if ca_bundle is not None:

@@ -17,7 +17,7 @@ import trustme
 API_HOST = "api.bemsoft.test"   # resolvable only by ForwardProxy (`.test` is reserved)
 
 
-class TestCA:
+class HospitalCA:
     """A private CA (as a hospital's TLS-inspecting proxy has) and a server certificate for
     API_HOST signed by it."""
 
