@@ -23,6 +23,7 @@ from .config import Settings
 from .db import create_db_engine
 from .failures import FailureStore
 from .monitor import Monitor
+from .redaction import RedactingFormatter
 from .retry import PauseGate
 from .source import LegacySource
 
@@ -110,7 +111,7 @@ def setup_logging(settings: Settings, *, stream=None, to_file: bool = True) -> N
             root.removeHandler(handler)
             handler.close()
     console = logging.StreamHandler(stream or sys.stderr)
-    console.setFormatter(logging.Formatter(LOG_FORMAT))
+    console.setFormatter(RedactingFormatter(LOG_FORMAT, settings))
     console._bemsoft = True
     root.addHandler(console)
     if to_file and settings.log_file:
@@ -123,7 +124,7 @@ def setup_logging(settings: Settings, *, stream=None, to_file: bool = True) -> N
             logging.getLogger(__name__).warning("Não foi possível abrir LOG_FILE=%s (%s); "
                                                 "registrando só no console.", path, err)
         else:
-            file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+            file_handler.setFormatter(RedactingFormatter(LOG_FORMAT, settings))
             file_handler._bemsoft = True
             root.addHandler(file_handler)
     logging.getLogger("urllib3").setLevel(max(logging.WARNING, root.level))

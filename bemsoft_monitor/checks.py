@@ -12,6 +12,7 @@ from .client import ApiError, BemsoftClient
 from .config import ConfigError, Settings
 from .failures import FailureFileError, FailureStore
 from .monitor import count_items
+from .redaction import RedactedStream
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ def run_checks(settings: Settings, out=None) -> int:
     from .db import DatabaseUnavailable, connect_check, create_db_engine
     from .source import LegacySource
 
-    out = out or sys.stdout
+    out = RedactedStream(out or sys.stdout, settings)
     problems = 0
     _line(True, f"Configuração válida (laboratórios: {', '.join(settings.terceiros)}; "
                 f"DRY_RUN={'1' if settings.dry_run else '0'})", out)
@@ -130,7 +131,7 @@ def print_status(settings: Settings, out=None) -> int:
     from .db import DatabaseUnavailable, connect_check, create_db_engine, describe_connect_error
     from .source import LegacySource
 
-    out = out or sys.stdout
+    out = RedactedStream(out or sys.stdout, settings)
     code = 0
     engine = None
     try:

@@ -14,6 +14,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Mapping
 from urllib.parse import unquote, urlsplit
@@ -138,7 +139,8 @@ class Settings:
     def with_overrides(self, **changes) -> "Settings":
         return replace(self, **changes)
 
-    def secrets(self) -> list[str]:
+    @cached_property
+    def secrets(self) -> tuple[str, ...]:
         """Every secret value the settings hold (token, proxy and database credentials),
         longest first, for `redaction.redact`."""
         found = [self.token]
@@ -151,7 +153,7 @@ class Settings:
                 found.append(unquote(urlsplit(self.database_url).password or ""))
             except ValueError:
                 pass
-        return sorted({s for s in found if s and len(s) >= 3}, key=len, reverse=True)
+        return tuple(sorted({s for s in found if s and len(s) >= 3}, key=len, reverse=True))
 
 
 @dataclass(frozen=True)

@@ -91,11 +91,11 @@ def main(argv=None, out=None) -> int:
             client.close()
 
 
-def show(text: str, out) -> None:
-    """Print one line even when it holds text the console cannot encode (a lone surrogate
-    read from a failure file): such characters are shown escaped."""
+def show(text: str, out, settings) -> None:
+    """Print one line, redacted, even when it holds text the console cannot encode (a lone
+    surrogate read from a failure file): such characters are shown escaped."""
     encoding = getattr(out, "encoding", None) or "utf-8"
-    text = text.encode(encoding, "backslashreplace").decode(encoding, "replace")
+    text = redact(text, settings).encode(encoding, "backslashreplace").decode(encoding, "replace")
     print(text, file=out, flush=True)
 
 
@@ -114,24 +114,24 @@ def replay_once(args, settings, client, catalog, directory: Path, move_ok: Path,
     counts = {OK: 0, WOULD_SEND: 0, FAILED: 0, SKIPPED: 0}
     for path in paths:
         if not path.exists():
-            show(f"[ERRO] {path}: arquivo não encontrado", out)
+            show(f"[ERRO] {path}: arquivo não encontrado", out, settings)
             counts[FAILED] += 1
             continue
         try:
             result = replay_file(path, settings, client, catalog, send=args.send, move_ok=move_ok)
         except Exception as err:  # one bad file is reported; the others still go
             log.debug("Erro inesperado em %s", path.name, exc_info=True)
-            show(f"[ERRO] {path.name}: erro inesperado: {redact(repr(err), settings)}", out)
+            show(f"[ERRO] {path.name}: erro inesperado: {err!r}", out, settings)
             counts[FAILED] += 1
             continue
         counts[result.status] += 1
         label = {OK: "[OK]", WOULD_SEND: "[DRY-RUN]", FAILED: "[ERRO]", SKIPPED: "[PULADO]"}[result.status]
-        show(f"{label} {path.name}: {result.message}", out)
+        show(f"{label} {path.name}: {result.message}", out, settings)
         if result.payload is not None and (args.verbose or not args.send):
-            show(json.dumps(result.payload, ensure_ascii=False, indent=2), out)
+            show(json.dumps(result.payload, ensure_ascii=False, indent=2), out, settings)
         if args.verbose and result.delivery is not None:
             show(f"      HTTP {result.delivery.status}, {result.delivery.attempts} tentativa(s): "
-                 f"{result.delivery.body}", out)
+                 f"{result.delivery.body}", out, settings)
     show(f"Resumo: {len(paths)} arquivo(s); enviados {counts[OK]}, com erro {counts[FAILED]}, "
-         f"a enviar (dry-run) {counts[WOULD_SEND]}, pulados {counts[SKIPPED]}.", out)
+         f"a enviar (dry-run) {counts[WOULD_SEND]}, pulados {counts[SKIPPED]}.", out, settings)
     return 1 if counts[FAILED] else 0

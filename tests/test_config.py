@@ -490,7 +490,7 @@ def test_proxy_credentials_are_decoded_masked_and_kept_out_of_repr():
     assert (proxy.username, proxy.password) == ("lab@ti", "s:creta")
     assert proxy.url == "http://proxy:3128" and proxy.display == "http://***@proxy:3128"
     assert "creta" not in repr(settings) and "creta" not in repr(proxy)
-    assert {"lab@ti", "s:creta"} <= set(settings.secrets())
+    assert {"lab@ti", "s:creta"} <= set(settings.secrets)
 
 
 def test_process_environment_proxy_reaches_the_settings(tmp_path):

@@ -347,3 +347,20 @@ def test_whoami_output_gives_the_account_sid():
         "*S-1-5-21-111-222-333-1001"
     assert parse_whoami_sid('"nt authority\\system","S-1-5-18"\r\n') == "*S-1-5-18"
     assert parse_whoami_sid("Acesso negado.\r\n") is None
+
+
+def test_log_lines_and_tracebacks_pass_through_the_redaction(tmp_path):
+    import io
+    from bemsoft_monitor.app import setup_logging
+    settings = parse_settings({"DATABASE_URL": "postgresql+psycopg://lis:Db-S3nha@db/lis",
+                               "TERCEIROS": LAB, "BEMSOFT_TOKEN": TOKEN, "LOG_FILE": "-"},
+                              base_dir=tmp_path)
+    stream = io.StringIO()
+    setup_logging(settings, stream=stream, to_file=False)
+    try:
+        raise RuntimeError(f"driver: password=Db-S3nha; Authorization: Bearer {TOKEN}")
+    except RuntimeError:
+        logging.getLogger("bemsoft_monitor.test").exception("falhou com %s", TOKEN)
+    text = stream.getvalue()
+    assert "falhou com ***" in text and "RuntimeError" in text
+    assert TOKEN not in text and "Db-S3nha" not in text
