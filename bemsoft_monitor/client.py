@@ -32,6 +32,9 @@ BODY_LIMIT = 1000            # characters of an answer kept in reasons and failu
 BODY_CAP = 1024 * 1024       # bytes of an answer read at most; the rest is discarded
 READ_CHUNK = 64 * 1024
 UNEXPECTED = "resposta inesperada: não parece ser a API (proxy/portal?)"
+# retries are ours (RetryPolicy, with Retry-After and the shared pause); urllib3 raises the
+# first error as it is. One object: urllib3 would build one per call from `False`.
+NO_RETRIES = urllib3.Retry(total=False, redirect=False)
 
 
 class TransportError(Exception):
@@ -105,9 +108,9 @@ class Transport:
             headers = {**self._proxy_headers, **headers}
         deadline = time.monotonic() + self.timeout
         try:
-            resp = self.pool.urlopen(method, target, body=body, headers=headers, retries=False,
-                                     redirect=False, preload_content=False,
-                                     assert_same_host=False)
+            resp = self.pool.urlopen(method, target, body=body, headers=headers,
+                                     retries=NO_RETRIES, redirect=False, preload_content=False,
+                                     decode_content=False, assert_same_host=False)
         except urllib3.exceptions.HTTPError as err:
             raise TransportError(describe_transport_error(err, self.settings)) from err
         try:
