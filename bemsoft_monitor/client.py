@@ -3,8 +3,10 @@ concurrency, bounded answers, response classification (SPEC §5, §8) and per-re
 that honour `Retry-After`."""
 from __future__ import annotations
 
+import collections
 import json
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -66,6 +68,80 @@ def build_ssl_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
+class _Watch:
+    __slots__ = ("conn", "deadline", "done", "expired")
+
+    def __init__(self, conn, deadline: float):
+        self.conn, self.deadline, self.done, self.expired = conn, deadline, False, False
+
+
+class Deadlines:
+    """BEMSOFT_TIMEOUT for the whole call, headers included: a socket timeout bounds each
+    read, not the call, so a server sending one byte a second could hold a sender for
+    minutes. One watchdog thread shuts down the socket of a call still running at its
+    deadline. Every call has the same timeout, so deadlines arrive in order: a deque."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Watch] = collections.deque()
+        self._local = threading.local()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def start(self, conn) -> None:
+        """Called as a request goes out on `conn` (from the connection, in the caller's thread)."""
+        with self._cond:
+            watch = _Watch(conn, time.monotonic() + self.timeout)
+            self._queue.append(watch)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="bemsoft-deadlines",
+                                                daemon=True)
+                self._thread.start()
+        self._local.watch = watch
+
+    def finish(self) -> bool:
+        """The call of this thread is over; True if the watchdog cut it."""
+        watch = getattr(self._local, "watch", None)
+        if watch is None:
+            return False
+        self._local.watch = None
+        with self._cond:
+            watch.done = True
+            return watch.expired
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                while self._queue and (self._queue[0].done or self._queue[0].deadline <= now):
+                    watch = self._queue.popleft()
+                    if not watch.done:
+                        watch.expired = True
+                        sock = getattr(watch.conn, "sock", None)
+                        if sock is not None:
+                            try:
+                                sock.shutdown(socket.SHUT_RDWR)
+                            except OSError:
+                                pass
+                wait = self._queue[0].deadline - now if self._queue else 5.0
+                self._cond.wait(min(max(wait, 0.01), 0.5))
+
+
+def _watched(cls, deadlines: Deadlines):
+    class Watched(cls):
+        def request(self, *args, **kwargs):
+            deadlines.start(self)
+            return super().request(*args, **kwargs)
+    Watched.__name__ = f"Watched{cls.__name__}"
+    return Watched
+
+
 class Transport:
     """One urllib3 connection pool to the API host, through the proxy when there is one
     (CONNECT tunnel for https), keep-alive, as many connections as senders (+1 for the
@@ -93,6 +169,8 @@ class Transport:
         else:
             self.manager = urllib3.PoolManager(num_pools=2, **pool_kw)
         self.pool = self.manager.connection_from_url(settings.base_url)
+        self.deadlines = Deadlines(settings.timeout)
+        self.pool.ConnectionCls = _watched(self.pool.ConnectionCls, self.deadlines)
         # through a plain-http proxy the request line carries the absolute URL (no tunnel)
         self._absolute = proxy is not None and parts.scheme == "http"
         self._proxy_headers = dict(self.manager.proxy_headers) if self._absolute else {}
@@ -112,15 +190,23 @@ class Transport:
                                      retries=NO_RETRIES, redirect=False, preload_content=False,
                                      decode_content=False, assert_same_host=False)
         except urllib3.exceptions.HTTPError as err:
-            raise TransportError(describe_transport_error(err, self.settings)) from err
+            raise self._failure(err) from err
         try:
             data = self._read(resp, deadline)
         except (urllib3.exceptions.HTTPError, OSError) as err:
             resp.close()
-            raise TransportError(describe_transport_error(err, self.settings)) from err
+            raise self._failure(err) from err
         finally:
+            if self.deadlines.finish():
+                resp.close()
             resp.release_conn()
         return Answer(resp.status, data, resp.headers.get("Retry-After"))
+
+    def _failure(self, err: BaseException) -> TransportError:
+        if self.deadlines.finish():
+            return TransportError(f"tempo esgotado esperando a API (BEMSOFT_TIMEOUT="
+                                  f"{self.timeout:g} s para a chamada inteira)")
+        return TransportError(describe_transport_error(err, self.settings))
 
     def _read(self, resp, deadline: float) -> bytes:
         """The body, at most BODY_CAP bytes, within the call's deadline (a server trickling
@@ -147,6 +233,7 @@ class Transport:
 
     def close(self) -> None:
         self.manager.clear()
+        self.deadlines.close()
 
 
 def describe_transport_error(err: BaseException, settings: Settings) -> str:

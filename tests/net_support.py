@@ -171,8 +171,10 @@ class CannedServer(_Listener):
     page, a huge body, or (`trickle`) a body sent one byte every `trickle` seconds."""
 
     def __init__(self, status: int = 200, body: bytes = b"<html>login</html>",
-                 content_type: str = "text/html", trickle: float | None = None):
+                 content_type: str = "text/html", trickle: float | None = None,
+                 trickle_head: bool = False):
         self.status, self.body, self.content_type, self.trickle = status, body, content_type, trickle
+        self.trickle_head = trickle_head
         self.requests: list[str] = []
         self.bytes_sent = 0
         self.client_gave_up = threading.Event()
@@ -194,10 +196,12 @@ class CannedServer(_Listener):
             if self.trickle is None:
                 conn.sendall(head + self.body)
                 continue
-            conn.sendall(head)
-            for i in range(len(self.body)):
+            slow = head + self.body if self.trickle_head else self.body
+            if not self.trickle_head:
+                conn.sendall(head)
+            for i in range(len(slow)):
                 try:
-                    conn.sendall(self.body[i:i + 1])
+                    conn.sendall(slow[i:i + 1])
                 except OSError:
                     self.client_gave_up.set()
                     return

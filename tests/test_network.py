@@ -190,9 +190,11 @@ def make_client(tmp_path, base_url, **overrides) -> BemsoftClient:
     return BemsoftClient(parse_settings(values, base_dir=tmp_path))
 
 
-def test_a_trickling_server_cannot_hold_a_sender_beyond_the_timeout(tmp_path):
+@pytest.mark.parametrize("trickle_head", [False, True], ids=["body", "headers"])
+def test_a_trickling_server_cannot_hold_a_sender_beyond_the_timeout(tmp_path, trickle_head):
     body = b'{"id": "' + b"x" * 400 + b'"}'
-    with CannedServer(201, body, "application/json", trickle=0.05) as server:
+    with CannedServer(201, body, "application/json", trickle=0.05,
+                      trickle_head=trickle_head) as server:
         client = make_client(tmp_path, server.url, BEMSOFT_TIMEOUT="0.5")
         try:
             delivery = client.deliver({"batch": {}}, "sol-1-abc")
@@ -203,6 +205,8 @@ def test_a_trickling_server_cannot_hold_a_sender_beyond_the_timeout(tmp_path):
     assert "tempo esgotado" in delivery.reason and "BEMSOFT_TIMEOUT" in delivery.reason
     # each byte came within the socket timeout; only the whole-call deadline stopped it
     assert 0 < sent < len(body)
+    if trickle_head:   # cut while the headers were still arriving
+        assert sent < len(b"HTTP/1.1 201 Canned\r\nContent-Type: application/json\r\n")
 
 
 def test_a_huge_body_is_capped_and_its_connection_dropped(tmp_path):
