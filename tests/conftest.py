@@ -177,7 +177,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(*args, timeout=60, **kwargs):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BEMSOFT_", "DB_", "DATABASE_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BEMSOFT_", "DB_", "DATABASE_"))
+           and not k.lower().endswith("_proxy")}   # the tests choose the route themselves
     env["PYTHONUNBUFFERED"] = "1"
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env, **kwargs)
