@@ -4,9 +4,13 @@ The CLIs, the demo and the tests build their objects here, so every path runs th
 pipeline with the same parts."""
 from __future__ import annotations
 
+import csv
+import getpass
 import logging
 import logging.handlers
+import os
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -19,11 +23,84 @@ from .config import Settings
 from .db import create_db_engine
 from .failures import FailureStore
 from .monitor import Monitor
+from .redaction import RedactingFormatter
 from .retry import PauseGate
 from .source import LegacySource
 from .status import StatusBoard
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+SYSTEM_SID = "*S-1-5-18"            # LocalSystem (the NSSM service's default account)
+ADMINISTRATORS_SID = "*S-1-5-32-544"  # BUILTIN\\Administrators (language-independent)
+
+
+def private_folders(settings: Settings) -> list[Path]:
+    """The folders that hold patient data: FAILED_DIR and the log folder."""
+    folders = [Path(settings.failed_dir)]
+    if settings.log_file:
+        folders.append(Path(settings.log_file).parent)
+    return folders
+
+
+def protect_private_data(settings: Settings) -> None:
+    """Patient data stays with its owner. POSIX: umask 077 for everything this process
+    creates (log files 0600, folders 0700), and FAILED_DIR and an existing log file closed to
+    others. Windows: FAILED_DIR and the log folder restricted with icacls to SYSTEM,
+    Administrators and the account running the monitor."""
+    log = logging.getLogger(__name__)
+    folders = private_folders(settings)
+    if os.name != "nt":
+        os.umask(0o077)
+        for path, mode in [(Path(settings.failed_dir), 0o700),
+                           (Path(settings.log_file) if settings.log_file else None, 0o600)]:
+            if path is not None and path.exists() and path.stat().st_uid == os.getuid():
+                try:
+                    os.chmod(path, mode)
+                except OSError as err:
+                    log.warning("Não foi possível restringir %s (%s).", path, err)
+        return
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass
+    for command in icacls_commands(folders, current_account()):
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+            failed = done.returncode != 0
+            detail = (done.stderr or done.stdout).strip()
+        except (OSError, subprocess.SubprocessError) as err:
+            failed, detail = True, str(err)
+        if failed:
+            log.warning("Não foi possível restringir o acesso a %s com icacls (%s); a pasta "
+                        "guarda dados de pacientes: restrinja-a manualmente.", command[1], detail)
+
+
+def icacls_commands(folders, account: str) -> list[list[str]]:
+    """One icacls call per folder: inherited permissions removed, full control for SYSTEM,
+    Administrators and `account` (a `*SID` or a name), inherited by files and subfolders."""
+    grants = [f"{sid}:(OI)(CI)F" for sid in dict.fromkeys([SYSTEM_SID, ADMINISTRATORS_SID, account])]
+    return [["icacls", str(folder), "/inheritance:r", "/grant:r", *grants] for folder in folders]
+
+
+def current_account() -> str:
+    """The SID of the account running the monitor (`*S-1-5-...`), from `whoami /user`;
+    its name when whoami is not available."""
+    try:
+        out = subprocess.run(["whoami", "/user", "/fo", "csv", "/nh"], capture_output=True,
+                             text=True, timeout=30).stdout
+        return parse_whoami_sid(out) or getpass.getuser()
+    except (OSError, subprocess.SubprocessError):
+        return getpass.getuser()
+
+
+def parse_whoami_sid(output: str) -> str | None:
+    """`"host\\user","S-1-5-21-..."` -> `*S-1-5-21-...`."""
+    for row in csv.reader(output.splitlines()):
+        if len(row) >= 2 and row[1].strip().startswith("S-1-"):
+            return "*" + row[1].strip()
+    return None
 
 
 def setup_logging(settings: Settings, *, stream=None, to_file: bool = True) -> None:
@@ -37,7 +114,7 @@ def setup_logging(settings: Settings, *, stream=None, to_file: bool = True) -> N
             root.removeHandler(handler)
             handler.close()
     console = logging.StreamHandler(stream or sys.stderr)
-    console.setFormatter(logging.Formatter(LOG_FORMAT))
+    console.setFormatter(RedactingFormatter(LOG_FORMAT, settings))
     console._bemsoft = True
     root.addHandler(console)
     if to_file and settings.log_file:
@@ -50,7 +127,7 @@ def setup_logging(settings: Settings, *, stream=None, to_file: bool = True) -> N
             logging.getLogger(__name__).warning("Não foi possível abrir LOG_FILE=%s (%s); "
                                                 "registrando só no console.", path, err)
         else:
-            file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+            file_handler.setFormatter(RedactingFormatter(LOG_FORMAT, settings))
             file_handler._bemsoft = True
             root.addHandler(file_handler)
             if not _is_terminal(console.stream):

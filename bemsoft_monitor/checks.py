@@ -12,6 +12,7 @@ from .client import ApiError, BemsoftClient
 from .config import ConfigError, Settings
 from .failures import FailureStore
 from .monitor import count_items
+from .redaction import RedactedStream
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ def run_checks(settings: Settings, out=None) -> int:
     from .db import DatabaseUnavailable, connect_check, create_db_engine
     from .source import LegacySource
 
-    out = out or sys.stdout
+    out = RedactedStream(out or sys.stdout, settings)
     problems = 0
     _line(True, f"Configuração válida (laboratórios: {', '.join(settings.terceiros)}; "
                 f"DRY_RUN={'1' if settings.dry_run else '0'})", out)
@@ -60,6 +61,8 @@ def run_checks(settings: Settings, out=None) -> int:
         if engine is not None:
             engine.dispose()
 
+    for ok, text in describe_route(settings):
+        _line(ok, text, out)
     if settings.token:
         client = BemsoftClient(settings)
         catalog = Catalog(client.fetch_tests, settings.tests_ttl)
@@ -86,6 +89,25 @@ def run_checks(settings: Settings, out=None) -> int:
     return 1 if problems else 0
 
 
+def describe_route(settings: Settings) -> list[tuple[bool | None, str]]:
+    """How the monitor reaches the API: which proxy (credentials masked) and which CAs."""
+    lines = []
+    proxy = settings.proxy
+    if proxy is None:
+        lines.append((True, f"Rota até a API: direta, sem proxy ({settings.base_url})"))
+    else:
+        lines.append((True, f"Rota até a API: via proxy {proxy.display} (de {proxy.source})"))
+    if not settings.base_url.startswith("https"):
+        lines.append((None, f"BEMSOFT_BASE_URL usa http:// sem criptografia ({settings.base_url})"))
+    elif not settings.verify_tls:
+        lines.append((None, "BEMSOFT_VERIFY=0: o certificado da API NÃO é verificado"))
+    elif settings.ca_bundle is not None:
+        lines.append((True, f"Certificados: os do sistema + BEMSOFT_CA_BUNDLE={settings.ca_bundle}"))
+    else:
+        lines.append((True, "Certificados: os do sistema (sem BEMSOFT_CA_BUNDLE)"))
+    return lines
+
+
 def print_status(settings: Settings, out=None, env_file: str | None = None) -> int:
     """Checkpoint, backlog and last delivery from the database; FAILED_DIR grouped by reason.
     The words are the operator console's (bemsoft_monitor.console), so both say the same."""
@@ -96,7 +118,7 @@ def print_status(settings: Settings, out=None, env_file: str | None = None) -> i
     from .db import DatabaseUnavailable, connect_check, create_db_engine, describe_connect_error
     from .source import LegacySource
 
-    out = out or sys.stdout
+    out = RedactedStream(out or sys.stdout, settings)
     code = 0
     engine = None
     try:

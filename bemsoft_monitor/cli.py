@@ -66,7 +66,9 @@ def main(argv=None) -> int:
     if args.dry_run:
         settings = settings.with_overrides(dry_run=True)
 
-    from .app import setup_logging
+    from .app import protect_private_data, setup_logging
+    if not (args.check or args.status):
+        protect_private_data(settings)
     setup_logging(settings, to_file=not (args.check or args.status))
     if args.check:
         from .checks import run_checks
@@ -145,12 +147,10 @@ def run_monitor(settings: Settings, mode: str, stop_file: str | None = None,
 
 def _start_metrics(monitor, settings: Settings, board, env_file: str | None):
     """/metrics, /healthz and the operator console at /; None if the port cannot be opened."""
-    from .config import environment_proxy
     from .console import Console
     from .metrics import start_metrics_server
 
-    console = Console(board, settings, env_file=env_file,
-                      proxy=getattr(settings, "proxy", None) or environment_proxy())
+    console = Console(board, settings, env_file=env_file)
     try:
         return start_metrics_server(monitor, settings.metrics_port, settings.health_max_age,
                                     settings.metrics_host, console=console)

@@ -1,11 +1,12 @@
-"""The API client stage: one urllib3 pool sized to the concurrency, response
-classification (SPEC §5) and per-request retries that honour `Retry-After`."""
+"""The API client stage: one urllib3 pool (direct or through the proxy) sized to the
+concurrency, bounded answers, response classification (SPEC §5, §8) and per-request retries
+that honour `Retry-After`."""
 from __future__ import annotations
 
-import http.client
+import collections
 import json
 import logging
-import select
+import socket
 import ssl
 import threading
 import time
@@ -13,117 +14,270 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import urllib3
+from urllib3.exceptions import (ConnectTimeoutError, NameResolutionError, NewConnectionError,
+                                ProxyError, ReadTimeoutError, SSLError)
 
 from .config import Settings
+from .redaction import redact
 from .retry import PauseGate, RetryPolicy, parse_retry_after
 
 log = logging.getLogger(__name__)
 
-DELIVERED = "delivered"    # 2xx without an error in the body
+DELIVERED = "delivered"    # the API's own answer: a 2xx JSON body without an error
 DUPLICATE = "duplicate"    # 409: the server already has this Idempotency-Key
 PERMANENT = "permanent"    # retrying the same bytes will not help (400/401/403, error body...)
-TRANSIENT = "transient"    # 429/5xx/timeouts/connection errors: try again later
+TRANSIENT = "transient"    # 429/5xx/timeouts/connection errors/not the API: try again later
 
 ERROR_KEYS = ("error", "errors", "erro", "erros")
 TRANSIENT_4XX = {408, 425, 429}
-BODY_LIMIT = 1000
+BODY_LIMIT = 1000            # characters of an answer kept in reasons and failure files
+BODY_CAP = 1024 * 1024       # bytes of an answer read at most; the rest is discarded
+READ_CHUNK = 64 * 1024
+UNEXPECTED = "resposta inesperada: não parece ser a API (proxy/portal?)"
+# retries are ours (RetryPolicy, with Retry-After and the shared pause); urllib3 raises the
+# first error as it is. One object: urllib3 would build one per call from `False`.
+NO_RETRIES = urllib3.Retry(total=False, redirect=False)
 
 
 class TransportError(Exception):
-    """No HTTP answer (connection refused/reset/dropped, timeout): always transient."""
+    """No HTTP answer (connection refused/reset/dropped, timeout, proxy, TLS): transient.
+    The message is a redacted pt-BR line that says what failed on the route."""
 
 
-class PostConnections:
-    """The hot path: one keep-alive `http.client` connection per sender thread.
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: bytes
+    retry_after: str | None
 
-    Measured here against the fake API, a POST costs about half the CPU with http.client
-    (~210 µs) than through urllib3's pool (~400 µs); urllib3 stays for `GET /tests`.
-    A connection the server closed while idle is detected before reuse (and a reset on a
-    reused connection is retried once at once: the Idempotency-Key makes that safe)."""
 
-    def __init__(self, url: str, *, connect_timeout: float, read_timeout: float, verify: bool):
-        parts = urlsplit(url)
-        self.https = parts.scheme == "https"
-        self.host = parts.hostname
-        self.port = parts.port or (443 if self.https else 80)
-        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
-        self.context = None
-        if self.https:
-            self.context = ssl.create_default_context()
-            if not verify:
-                self.context.check_hostname = False
-                self.context.verify_mode = ssl.CERT_NONE
+def build_ssl_context(settings: Settings) -> ssl.SSLContext:
+    """The system's trusted CAs and certifi's, plus BEMSOFT_CA_BUNDLE's (added, never
+    instead); verification off only with BEMSOFT_VERIFY=0."""
+    context = ssl.create_default_context()
+    try:
+        import certifi
+        context.load_verify_locations(cafile=certifi.where())
+    except (ImportError, OSError):
+        pass
+    if settings.ca_bundle is not None:
+        context.load_verify_locations(cafile=str(settings.ca_bundle))
+    if not settings.verify_tls:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class _Watch:
+    __slots__ = ("conn", "deadline", "done", "expired")
+
+    def __init__(self, conn, deadline: float):
+        self.conn, self.deadline, self.done, self.expired = conn, deadline, False, False
+
+
+class Deadlines:
+    """BEMSOFT_TIMEOUT for the whole call, headers included: a socket timeout bounds each
+    read, not the call, so a server sending one byte a second could hold a sender for
+    minutes. One watchdog thread shuts down the socket of a call still running at its
+    deadline. Every call has the same timeout, so deadlines arrive in order: a deque."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Watch] = collections.deque()
         self._local = threading.local()
-        self._all: list[http.client.HTTPConnection] = []
-        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
 
-    def _connect(self) -> http.client.HTTPConnection:
-        if self.https:
-            conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.connect_timeout,
-                                               context=self.context)
-        else:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
-        conn.connect()
-        conn.sock.settimeout(self.read_timeout)
-        with self._lock:
-            self._all.append(conn)
-        return conn
+    def start(self, conn) -> None:
+        """Called as a request goes out on `conn` (from the connection, in the caller's thread)."""
+        with self._cond:
+            watch = _Watch(conn, time.monotonic() + self.timeout)
+            self._queue.append(watch)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="bemsoft-deadlines",
+                                                daemon=True)
+                self._thread.start()
+        self._local.watch = watch
 
-    def _drop(self, conn) -> None:
-        conn.close()
-        self._local.conn = None
-        with self._lock:
-            if conn in self._all:
-                self._all.remove(conn)
-
-    def post(self, body: bytes, headers: dict) -> tuple[int, bytes, str | None, bool]:
-        """(status, body, Retry-After, resent): `resent` when a reused connection failed
-        and the request went again on a new one (the first may have reached the server)."""
-        conn = getattr(self._local, "conn", None)
-        resent = False
-        reused = conn is not None
-        if reused and _closed_by_peer(conn):
-            self._drop(conn)
-            conn, reused = None, False
-        for _ in range(2):
-            try:
-                if conn is None:
-                    conn = self._local.conn = self._connect()
-                conn.request("POST", self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-            except (OSError, http.client.HTTPException) as err:
-                if conn is not None:
-                    self._drop(conn)
-                stale = reused and isinstance(err, (http.client.RemoteDisconnected,
-                                                    ConnectionResetError, BrokenPipeError))
-                if stale:  # the server closed an idle keep-alive connection: once more
-                    conn, reused, resent = None, False, True
-                    continue
-                raise TransportError(f"{type(err).__name__}: {err}") from err
-            if resp.will_close:
-                self._drop(conn)
-            return resp.status, data, resp.getheader("Retry-After"), resent
-        raise TransportError("conexão encerrada pelo servidor")
+    def finish(self) -> bool:
+        """The call of this thread is over; True if the watchdog cut it."""
+        watch = getattr(self._local, "watch", None)
+        if watch is None:
+            return False
+        self._local.watch = None
+        with self._cond:
+            watch.done = True
+            return watch.expired
 
     def close(self) -> None:
-        with self._lock:
-            conns, self._all = self._all, []
-        for conn in conns:
-            conn.close()
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                while self._queue and (self._queue[0].done or self._queue[0].deadline <= now):
+                    watch = self._queue.popleft()
+                    if not watch.done:
+                        watch.expired = True
+                        sock = getattr(watch.conn, "sock", None)
+                        if sock is not None:
+                            try:
+                                sock.shutdown(socket.SHUT_RDWR)
+                            except OSError:
+                                pass
+                wait = self._queue[0].deadline - now if self._queue else 5.0
+                self._cond.wait(min(max(wait, 0.01), 0.5))
 
 
-def _closed_by_peer(conn) -> bool:
-    """An idle keep-alive socket that is readable has been closed (or broken) by the peer."""
-    sock = conn.sock
-    if sock is None:
-        return True
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable)
+def _watched(cls, deadlines: Deadlines):
+    class Watched(cls):
+        def request(self, *args, **kwargs):
+            deadlines.start(self)
+            return super().request(*args, **kwargs)
+    Watched.__name__ = f"Watched{cls.__name__}"
+    return Watched
+
+
+class Transport:
+    """One urllib3 connection pool to the API host, through the proxy when there is one
+    (CONNECT tunnel for https), keep-alive, as many connections as senders (+1 for the
+    catalog). Every call is bounded: BEMSOFT_TIMEOUT for the whole call, BODY_CAP bytes."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.timeout = settings.timeout
+        parts = urlsplit(settings.base_url)
+        pool_kw = {"maxsize": settings.concurrency + 1, "block": True, "retries": False,
+                   "timeout": urllib3.Timeout(connect=min(10.0, settings.timeout),
+                                              read=settings.timeout, total=settings.timeout)}
+        if parts.scheme == "https":
+            pool_kw["ssl_context"] = build_ssl_context(settings)
+            if not settings.verify_tls:
+                pool_kw["cert_reqs"] = "CERT_NONE"
+                urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+        proxy = settings.proxy
+        if proxy is not None:
+            auth = proxy.basic_auth
+            self.manager = urllib3.ProxyManager(
+                proxy.url, num_pools=2,
+                proxy_headers=urllib3.make_headers(proxy_basic_auth=auth) if auth else None,
+                **pool_kw)
+        else:
+            self.manager = urllib3.PoolManager(num_pools=2, **pool_kw)
+        self.pool = self.manager.connection_from_url(settings.base_url)
+        self.deadlines = Deadlines(settings.timeout)
+        self.pool.ConnectionCls = _watched(self.pool.ConnectionCls, self.deadlines)
+        # through a plain-http proxy the request line carries the absolute URL (no tunnel)
+        self._absolute = proxy is not None and parts.scheme == "http"
+        self._proxy_headers = dict(self.manager.proxy_headers) if self._absolute else {}
+
+    def target(self, url: str) -> str:
+        if self._absolute:
+            return url
+        parts = urlsplit(url)
+        return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+    def request(self, method: str, target: str, body: bytes | None, headers: dict) -> Answer:
+        if self._proxy_headers:
+            headers = {**self._proxy_headers, **headers}
+        deadline = time.monotonic() + self.timeout
+        try:
+            resp = self.pool.urlopen(method, target, body=body, headers=headers,
+                                     retries=NO_RETRIES, redirect=False, preload_content=False,
+                                     decode_content=False, assert_same_host=False)
+        except urllib3.exceptions.HTTPError as err:
+            raise self._failure(err) from err
+        try:
+            data = self._read(resp, deadline)
+        except (urllib3.exceptions.HTTPError, OSError) as err:
+            resp.close()
+            raise self._failure(err) from err
+        finally:
+            if self.deadlines.finish():
+                resp.close()
+            resp.release_conn()
+        return Answer(resp.status, data, resp.headers.get("Retry-After"))
+
+    def _failure(self, err: BaseException) -> TransportError:
+        if self.deadlines.finish():
+            return TransportError(f"tempo esgotado esperando a API (BEMSOFT_TIMEOUT="
+                                  f"{self.timeout:g} s para a chamada inteira)")
+        return TransportError(describe_transport_error(err, self.settings))
+
+    def _read(self, resp, deadline: float) -> bytes:
+        """The body, at most BODY_CAP bytes, within the call's deadline (a server trickling
+        one byte at a time cannot hold a sender). Anything beyond the cap is discarded and
+        the connection dropped."""
+        chunks, size = [], 0
+        while True:
+            if time.monotonic() > deadline:
+                resp.close()
+                raise TransportError(f"tempo esgotado lendo a resposta da API "
+                                     f"(BEMSOFT_TIMEOUT={self.timeout:g} s)")
+            chunk = resp.read1(READ_CHUNK)
+            if not chunk:
+                return b"".join(chunks)
+            if size + len(chunk) > BODY_CAP:
+                chunks.append(chunk[:BODY_CAP - size])
+                resp.close()  # the rest is not read: the connection goes
+                log.debug("Resposta maior que %d bytes: cortada e conexão descartada.", BODY_CAP)
+                return b"".join(chunks)
+            size += len(chunk)
+            chunks.append(chunk)
+            if resp.length_remaining == 0:  # the whole Content-Length is here
+                return b"".join(chunks)
+
+    def close(self) -> None:
+        self.manager.clear()
+        self.deadlines.close()
+
+
+def describe_transport_error(err: BaseException, settings: Settings) -> str:
+    """One redacted pt-BR line saying where the route to the API broke."""
+    host = urlsplit(settings.base_url).hostname
+    proxy = settings.proxy
+    if isinstance(err, ProxyError):
+        inner = getattr(err, "original_error", None) or (err.args[1] if len(err.args) > 1 else err)
+        where = f"{proxy.display} ({proxy.source})" if proxy else "o proxy"
+        if "407" in str(inner):
+            text = (f"o proxy {where} recusou a autenticação (HTTP 407): confira usuário e "
+                    f"senha em {proxy.source if proxy else 'BEMSOFT_PROXY'}")
+        elif isinstance(inner, (NewConnectionError, ConnectTimeoutError, ConnectionError,
+                                TimeoutError)):
+            text = f"proxy inacessível: {where} não aceitou a conexão ({_short(inner)})"
+        elif isinstance(inner, (SSLError, ssl.SSLError)):
+            return describe_transport_error(inner, settings)
+        else:
+            text = f"falha no proxy {where}: {_short(inner)}"
+    elif isinstance(err, NameResolutionError):
+        text = (f"falha de DNS: o nome {host} não foi encontrado (confira BEMSOFT_BASE_URL e o "
+                "DNS da rede; se a saída é por proxy, defina HTTPS_PROXY ou BEMSOFT_PROXY)")
+    elif isinstance(err, (SSLError, ssl.SSLError)):
+        detail = _short(err)
+        if "CERTIFICATE_VERIFY_FAILED" in detail or "certificate verify failed" in detail:
+            text = (f"falha na verificação TLS de {host}: certificado não confiável ({detail}). "
+                    "Se a rede do hospital inspeciona TLS, aponte BEMSOFT_CA_BUNDLE para o "
+                    "arquivo PEM da CA dela")
+        else:
+            text = f"falha TLS com {host}: {detail}"
+    elif isinstance(err, NewConnectionError):
+        text = f"sem conexão com {host}: {_short(err)}"
+    elif isinstance(err, (ConnectTimeoutError, ReadTimeoutError, TimeoutError)):
+        text = f"tempo esgotado falando com {host} (BEMSOFT_TIMEOUT={settings.timeout:g} s)"
+    else:
+        text = f"conexão com {host} falhou sem resposta: {_short(err)}"
+    return redact(text, settings)
+
+
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    text = text.replace("<urllib3.connection.HTTPSConnection object>: ", "")
+    text = text.replace("<urllib3.connection.HTTPConnection object>: ", "")
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 class ApiError(Exception):
@@ -145,6 +299,7 @@ class Delivery:
     duration: float = 0.0
     retry_after: float | None = None   # the server's Retry-After on the last answer
     uncertain: bool = False            # a 409 after an attempt that got no answer
+    unexpected: bool = False           # the last answer did not come from the API (portal)
 
     @property
     def ok(self) -> bool:
@@ -164,26 +319,47 @@ def body_error(data) -> str | None:
 
 def classify(status: int, body: bytes) -> tuple[str, str]:
     """HTTP status + body -> (outcome, pt-BR reason). Pure: tests call it directly."""
-    text = body.decode("utf-8", "replace")[:BODY_LIMIT]
+    outcome, reason, _ = judge(status, body)
+    return outcome, reason
+
+
+def judge(status: int, body: bytes) -> tuple[str, str, bool]:
+    """(outcome, reason, unexpected): `unexpected` when the answer does not look like the
+    API's own (a captive portal's or proxy's page, a redirect): retried with the same key."""
+    text = body[:BODY_LIMIT * 4].decode("utf-8", "replace")[:BODY_LIMIT]
     if 200 <= status < 300:
+        if not body.strip():
+            if status in (201, 204):
+                return DELIVERED, f"entregue (HTTP {status})", False
+            return TRANSIENT, f"{UNEXPECTED} (HTTP {status} sem corpo)", True
         try:
-            data = json.loads(body) if body.strip() else None
+            data = json.loads(body)
         except ValueError:
-            data = None
+            return TRANSIENT, f"{UNEXPECTED} (HTTP {status}: {_snippet(text)})", True
         error = body_error(data)
         if error:
-            return PERMANENT, f"API respondeu {status} com erro no corpo (nada foi salvo): {error}"
-        return DELIVERED, f"entregue (HTTP {status})"
+            return PERMANENT, f"API respondeu {status} com erro no corpo (nada foi salvo): {error}", False
+        return DELIVERED, f"entregue (HTTP {status})", False
     if status == 409:
-        return DUPLICATE, "Idempotency-Key já recebida pela API (HTTP 409): pedido já entregue antes"
+        return DUPLICATE, "Idempotency-Key já recebida pela API (HTTP 409): pedido já entregue antes", False
+    if 300 <= status < 400:
+        return TRANSIENT, f"{UNEXPECTED} (redirecionamento HTTP {status})", True
+    if status == 407:
+        return TRANSIENT, ("o proxy pediu autenticação (HTTP 407): confira usuário e senha em "
+                           "BEMSOFT_PROXY ou HTTPS_PROXY/HTTP_PROXY"), False
     if status in (401, 403):
         return PERMANENT, (f"API recusou o token (HTTP {status}): confira BEMSOFT_TOKEN; "
-                           f"resposta: {text}")
+                           f"resposta: {text}"), False
     if status in TRANSIENT_4XX or status >= 500:
-        return TRANSIENT, f"API indisponível (HTTP {status}): {text}"
+        return TRANSIENT, f"API indisponível (HTTP {status}): {text}", False
     if status == 400:
-        return PERMANENT, f"API rejeitou o pedido (HTTP 400, validação): {text}"
-    return PERMANENT, f"API respondeu HTTP {status}: {text}"
+        return PERMANENT, f"API rejeitou o pedido (HTTP 400, validação): {text}", False
+    return PERMANENT, f"API respondeu HTTP {status}: {text}", False
+
+
+def _snippet(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 class BemsoftClient:
@@ -191,51 +367,55 @@ class BemsoftClient:
         self.settings = settings
         self.gate = gate or PauseGate()
         self.policy = RetryPolicy(settings.retries, settings.backoff, settings.max_backoff)
-        pool_kwargs = {"maxsize": max(1, settings.concurrency), "block": True,
-                       "timeout": urllib3.Timeout(connect=min(10.0, settings.timeout),
-                                                  read=settings.timeout),
-                       "retries": False}
-        if settings.base_url.startswith("https") and not settings.verify_tls:
-            pool_kwargs["cert_reqs"] = "CERT_NONE"
-            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-        self.pool = urllib3.PoolManager(num_pools=2, **pool_kwargs)
+        self.transport = Transport(settings)
         self._auth = f"Bearer {settings.token}"
-        self._posts = PostConnections(settings.requests_url, connect_timeout=min(10.0, settings.timeout),
-                                      read_timeout=settings.timeout, verify=settings.verify_tls)
+        self._tests_target = self.transport.target(settings.tests_url)
+        self._post_target = self.transport.target(settings.requests_url)
+        self._tests_headers = {"Authorization": self._auth, "Accept": "application/json"}
+        self._post_headers = {"Authorization": self._auth, "Content-Type": "application/json",
+                              "Accept": "application/json"}
+        self._outage_lock = threading.Lock()
+        self._unexpected_since: float | None = None
 
     def close(self) -> None:
-        self.pool.clear()
-        self._posts.close()
+        self.transport.close()
 
     def redact(self, text: str) -> str:
-        token = self.settings.token
-        return text.replace(token, "***") if token and len(token) >= 4 else text
+        return redact(text, self.settings)
 
     # ------------------------------------------------------------- catalog
     def fetch_tests(self) -> dict:
         """`GET /tests` once; raises ApiError."""
         try:
-            resp = self.pool.request("GET", self.settings.tests_url,
-                                     headers={"Authorization": self._auth,
-                                              "Accept": "application/json"})
-        except urllib3.exceptions.HTTPError as err:
-            raise ApiError(self.redact(f"sem conexão com {self.settings.tests_url}: {err}"),
-                           permanent=False) from err
-        if resp.status != 200:
-            outcome, reason = classify(resp.status, resp.data)
+            answer = self.transport.request("GET", self._tests_target, None, self._tests_headers)
+        except TransportError as err:
+            raise ApiError(f"GET /tests: {err}", permanent=False) from err
+        outcome, reason, unexpected = judge(answer.status, answer.body)
+        if answer.status != 200 or unexpected:
             raise ApiError(self.redact(f"GET /tests: {reason}"),
-                           permanent=outcome == PERMANENT, status=resp.status)
+                           permanent=outcome == PERMANENT, status=answer.status)
         try:
-            return json.loads(resp.data)
+            return json.loads(answer.body)
         except ValueError as err:
-            raise ApiError("GET /tests devolveu um corpo que não é JSON", permanent=False) from err
+            raise ApiError(f"GET /tests: {UNEXPECTED}", permanent=False) from err
 
     # ------------------------------------------------------------- delivery
-    def post_once(self, body: bytes, key: str) -> tuple[int, bytes, float | None, bool]:
-        status, data, retry_after, resent = self._posts.post(body, {
-            "Authorization": self._auth, "Content-Type": "application/json",
-            "Accept": "application/json", "Idempotency-Key": key})
-        return status, data, parse_retry_after(retry_after), resent
+    def post_once(self, body: bytes, key: str) -> tuple[int, bytes, float | None]:
+        headers = self._post_headers.copy()
+        headers["Idempotency-Key"] = key
+        answer = self.transport.request("POST", self._post_target, body, headers)
+        return answer.status, answer.body, parse_retry_after(answer.retry_after)
+
+    def _note_answer(self, unexpected: bool, status: int | None, reason: str) -> None:
+        """An answer that is not the API's is logged once per outage, not once per order."""
+        with self._outage_lock:
+            if unexpected and self._unexpected_since is None:
+                self._unexpected_since = time.monotonic()
+                log.warning("%s, vinda de %s. Os pedidos ficam aguardando e são reenviados com "
+                            "a mesma chave; nada é descartado.", reason, self.settings.base_url)
+            elif not unexpected and status is not None and self._unexpected_since is not None:
+                self._unexpected_since = None
+                log.warning("A API voltou a responder (HTTP %s); envio normal.", status)
 
     def deliver(self, payload: dict, key: str) -> Delivery:
         """POST one payload, retrying transient failures per the policy. Never raises for
@@ -250,16 +430,17 @@ class BemsoftClient:
                                 text, time.monotonic() - started)
             attempt += 1
             retry_after = None
+            unexpected = False
             try:
-                status, data, retry_after, resent = self.post_once(body, key)
-                unanswered = unanswered or resent
+                status, data, retry_after = self.post_once(body, key)
             except TransportError as err:
                 status, text = None, ""
                 unanswered = True
                 outcome, reason = TRANSIENT, f"falha de conexão com a API: {err}"
             else:
-                text = data.decode("utf-8", "replace")[:BODY_LIMIT]
-                outcome, reason = classify(status, data)
+                text = data[:BODY_LIMIT * 4].decode("utf-8", "replace")[:BODY_LIMIT]
+                outcome, reason, unexpected = judge(status, data)
+                self._note_answer(unexpected, status, reason)
             reason, text = self.redact(reason), self.redact(text)
             if outcome != TRANSIENT or attempt > self.policy.retries:
                 # The API cannot be asked what it did with the unanswered attempt: it either
@@ -267,10 +448,11 @@ class BemsoftClient:
                 # delivered, and flagged so the log says which exams to check.
                 uncertain = outcome == DUPLICATE and unanswered
                 return Delivery(outcome, status, attempt, reason, text, time.monotonic() - started,
-                                retry_after, uncertain)
+                                retry_after, uncertain, unexpected)
             delay = self.policy.delay(attempt, retry_after)
-            log.warning("Solicitação %s: tentativa %d falhou (%s); nova tentativa em %.1f s.",
-                        key, attempt, reason, delay)
+            log.log(logging.DEBUG if unexpected else logging.WARNING,
+                    "Solicitação %s: tentativa %d falhou (%s); nova tentativa em %.1f s.",
+                    key, attempt, reason, delay)
             if retry_after is not None:
                 self.gate.pause(delay)  # every sender waits, not just this one
             elif not self.gate.sleep(delay):

@@ -15,9 +15,11 @@ import math
 import os
 import re
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Mapping
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
+from urllib.request import proxy_bypass_environment
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dotenv import dotenv_values
@@ -38,7 +40,8 @@ KNOWN_KEYS = (
     "BEMSOFT_BASE_URL", "BEMSOFT_ENDPOINT", "BEMSOFT_TOKEN", "BEMSOFT_TIMEOUT",
     "BEMSOFT_RETRIES", "BEMSOFT_BACKOFF", "BEMSOFT_MAX_BACKOFF", "BEMSOFT_VERIFY",
     "BEMSOFT_DRY_RUN", "BEMSOFT_TESTS_TTL", "BEMSOFT_MAX_ATTEMPTS", "BEMSOFT_CONCURRENCY",
-    "BEMSOFT_TEST_MAP_PATH",
+    "BEMSOFT_TEST_MAP_PATH", "BEMSOFT_PROXY", "BEMSOFT_CA_BUNDLE", "BEMSOFT_ALLOW_HTTP",
+    "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy",
     "DEFAULT_GENDER", "DEFAULT_BIRTHDATE",
     "PHYSICIAN_NAME", "PHYSICIAN_COUNCIL", "PHYSICIAN_NUMBER", "PHYSICIAN_UF",
     "TIMEZONE", "START_FROM", "LOOKBACK_ITEMS", "BATCH_SIZE", "MONITOR_NAME",
@@ -102,6 +105,8 @@ class Settings:
     backoff: float = 1.0
     max_backoff: float = 300.0
     verify_tls: bool = True
+    ca_bundle: Path | None = None
+    proxy: "Proxy | None" = None
     dry_run: bool = False
     tests_ttl: float = 3600.0
     max_attempts: int = 5
@@ -135,6 +140,41 @@ class Settings:
 
     def with_overrides(self, **changes) -> "Settings":
         return replace(self, **changes)
+
+    @cached_property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value the settings hold (token, proxy and database credentials),
+        longest first, for `redaction.redact`."""
+        found = [self.token]
+        if self.proxy is not None:
+            found += [self.proxy.username, self.proxy.password]
+        if self.db_pass:
+            found += [self.db_pass, self.db_pass.strip(), self.db_pass.replace("}", "}}")]
+        if self.database_url:
+            try:
+                found.append(unquote(urlsplit(self.database_url).password or ""))
+            except ValueError:
+                pass
+        return tuple(sorted({s for s in found if s and len(s) >= 3}, key=len, reverse=True))
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """The HTTP proxy on the way to the API. `url` carries no credentials; `display` masks
+    them; `source` is the setting it came from."""
+    url: str
+    source: str
+    username: str = field(default="", repr=False)
+    password: str = field(default="", repr=False)
+
+    @property
+    def basic_auth(self) -> str | None:
+        return f"{self.username}:{self.password}" if self.username else None
+
+    @property
+    def display(self) -> str:
+        scheme, rest = self.url.split("://", 1)
+        return f"{scheme}://***@{rest}" if self.username else self.url
 
 
 class _Reader:
@@ -207,6 +247,63 @@ def load_settings(env_file: str | os.PathLike | None = None,
     return parse_settings(values, base_dir=path.resolve().parent if path.is_file() else PROJECT_DIR)
 
 
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def is_loopback(host: str | None) -> bool:
+    host = (host or "").lower().strip("[]")
+    return host in LOOPBACK_HOSTS or host.startswith("127.") or host.endswith(".localhost")
+
+
+def _env_value(values: Mapping[str, str | None], name: str) -> tuple[str | None, str]:
+    """Proxy variables come in both cases; the lower-case one wins, as in curl and urllib."""
+    for key in (name.lower(), name.upper()):
+        raw = (values.get(key) or "").strip()
+        if raw:
+            return raw, key
+    return None, name.upper()
+
+
+def parse_proxy(raw: str, key: str) -> Proxy:
+    """`http://[user:password@]host:port` -> Proxy. The error names the key, never the value
+    (it may hold a password)."""
+    expected = "deve ser http://[usuario:senha@]host:porta"
+    if "://" not in raw:
+        raw = "http://" + raw  # `host:port` is how many admins write it
+    try:
+        parts = urlsplit(raw)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(key, expected + " (porta inválida)") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, expected)
+    if parts.path not in ("", "/") or parts.query:
+        raise ConfigError(key, expected + " (sem caminho depois da porta)")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    port = port or (443 if parts.scheme == "https" else 80)
+    return Proxy(f"{parts.scheme}://{host}:{port}", key, unquote(parts.username or ""),
+                 unquote(parts.password or ""))
+
+
+def select_proxy(values: Mapping[str, str | None], base_url: str) -> Proxy | None:
+    """BEMSOFT_PROXY wins (`none` turns proxies off); else HTTPS_PROXY/HTTP_PROXY by the
+    API's scheme, unless NO_PROXY lists its host. A loopback API never goes through one."""
+    own = (values.get("BEMSOFT_PROXY") or "").strip()
+    if own.lower() in ("none", "off", "-", "direto", "direct"):
+        return None
+    if own:
+        return parse_proxy(own, "BEMSOFT_PROXY")
+    parts = urlsplit(base_url)
+    raw, key = _env_value(values, f"{parts.scheme}_proxy")
+    if raw is None or is_loopback(parts.hostname):
+        return None
+    no_proxy, _ = _env_value(values, "no_proxy")
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    if no_proxy and proxy_bypass_environment(host, {"no": no_proxy}):
+        return None
+    return parse_proxy(raw, key)
+
+
 def load_settings_or_report(env_file, stream) -> Settings | None:
     """For the CLIs: the settings, or None after printing the one-line reason to `stream`."""
     try:
@@ -244,6 +341,8 @@ def parse_settings(values: Mapping[str, str | None], base_dir: Path = PROJECT_DI
     elif "://" not in database_url:
         raise ConfigError("DATABASE_URL", "deve ser uma URL do SQLAlchemy "
                                           "(ex.: postgresql+psycopg://usuario@host/base)")
+    else:
+        check_database_url(database_url)
 
     terceiros_raw = r.str("TERCEIROS") or r.str("TERCEIRO")
     terceiros = tuple(t.strip() for t in (terceiros_raw or "").split(",") if t.strip())
@@ -271,6 +370,15 @@ def parse_settings(values: Mapping[str, str | None], base_dir: Path = PROJECT_DI
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError("BEMSOFT_BASE_URL", "deve ser uma URL http(s), ex.: "
                                               f"https://bemsoft.ws.wiselab.com.br (recebido: {base_url!r})")
+    if (parts.scheme == "http" and not is_loopback(parts.hostname)
+            and not r.bool("BEMSOFT_ALLOW_HTTP", False)):
+        raise ConfigError("BEMSOFT_BASE_URL", "deve usar https:// (com http:// o token e os "
+                                              "dados dos pacientes passariam em claro); para "
+                                              "aceitar http:// mesmo assim, BEMSOFT_ALLOW_HTTP=1")
+    proxy = select_proxy(values, base_url)
+    ca_bundle = r.path("BEMSOFT_CA_BUNDLE", None)
+    if ca_bundle is not None:
+        check_ca_bundle(ca_bundle)
     endpoint = r.str("BEMSOFT_ENDPOINT", "/requests")
     if not endpoint.startswith("/"):
         raise ConfigError("BEMSOFT_ENDPOINT", f"deve começar com / (recebido: {endpoint!r})")
@@ -280,6 +388,10 @@ def parse_settings(values: Mapping[str, str | None], base_dir: Path = PROJECT_DI
     if not dry_run and not token:
         raise ConfigError("BEMSOFT_TOKEN", "é obrigatório quando BEMSOFT_DRY_RUN=0 "
                                            "(token Bearer fornecido pela Bemsoft)")
+    if token and not re.fullmatch(r"[\x21-\x7e]+", token):
+        raise ConfigError("BEMSOFT_TOKEN", "deve ter só caracteres ASCII visíveis, sem espaços, "
+                                           "quebras de linha ou acentos (confira aspas e \\n "
+                                           "no .env); o valor não é mostrado")
 
     default_gender = r.str("DEFAULT_GENDER")
     if default_gender is not None:
@@ -303,6 +415,12 @@ def parse_settings(values: Mapping[str, str | None], base_dir: Path = PROJECT_DI
     if any(physician_values) and physician is None:
         notes.append("Médico não será enviado: preencha PHYSICIAN_NAME, PHYSICIAN_COUNCIL, "
                      "PHYSICIAN_NUMBER e PHYSICIAN_UF (todos) para incluí-lo no pedido.")
+
+    verify_tls = r.bool("BEMSOFT_VERIFY", True)
+    if not verify_tls:
+        notes.append("BEMSOFT_VERIFY=0: o certificado TLS da API NÃO é verificado; qualquer um "
+                     "no caminho pode ler o token e os dados dos pacientes. Use "
+                     "BEMSOFT_CA_BUNDLE com a CA da rede e volte para BEMSOFT_VERIFY=1.")
 
     test_map_path = r.path("BEMSOFT_TEST_MAP_PATH", None)
     test_map = load_test_map(test_map_path) if test_map_path else {}
@@ -369,7 +487,9 @@ def parse_settings(values: Mapping[str, str | None], base_dir: Path = PROJECT_DI
         retries=int(r.number("BEMSOFT_RETRIES", 3, maximum=20, integer=True)),
         backoff=r.number("BEMSOFT_BACKOFF", 1.0, maximum=3600),
         max_backoff=r.number("BEMSOFT_MAX_BACKOFF", 300.0, minimum=1.0, maximum=86400),
-        verify_tls=r.bool("BEMSOFT_VERIFY", True),
+        verify_tls=verify_tls,
+        ca_bundle=ca_bundle,
+        proxy=proxy,
         dry_run=dry_run,
         tests_ttl=r.number("BEMSOFT_TESTS_TTL", 3600.0, minimum=1.0, maximum=7 * 86400),
         max_attempts=int(r.number("BEMSOFT_MAX_ATTEMPTS", 5, minimum=1, maximum=1000, integer=True)),
@@ -412,11 +532,29 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def environment_proxy(environ: Mapping[str, str] | None = None) -> str | None:
-    """The HTTPS proxy named in the process environment (HTTPS_PROXY / https_proxy), for
-    display: the console shows which proxy the API calls would go through."""
-    env = os.environ if environ is None else environ
-    return env.get("HTTPS_PROXY") or env.get("https_proxy") or None
+def check_database_url(url: str) -> None:
+    """A malformed URL (a port that is not a number...) is a configuration error, not a
+    traceback when the engine is created. The message never repeats the URL (password)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+    try:
+        make_url(url)
+    except (ArgumentError, ValueError) as err:
+        what = "porta inválida (deve ser um número)" if "int()" in str(err) else "formato inválido"
+        raise ConfigError("DATABASE_URL", f"não é uma URL válida do SQLAlchemy: {what} "
+                                          "(ex.: postgresql+psycopg://usuario@host:5432/base)") from None
+
+
+def check_ca_bundle(path: Path) -> None:
+    """BEMSOFT_CA_BUNDLE must be a PEM file with at least one certificate."""
+    import ssl
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except FileNotFoundError:
+        raise ConfigError("BEMSOFT_CA_BUNDLE", f"aponta para um arquivo que não existe: {path}") from None
+    except (OSError, ssl.SSLError, ValueError) as err:
+        raise ConfigError("BEMSOFT_CA_BUNDLE", f"não é um arquivo PEM de certificados ({path}): "
+                                               f"{err}") from None
 
 
 def load_test_map(path: Path) -> dict[str, TestMapping]:

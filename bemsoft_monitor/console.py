@@ -284,10 +284,17 @@ def database_text(settings: Settings) -> str:
     return f"{settings.db_server} / {settings.db_name}"
 
 
-def settings_rows(settings: Settings, proxy: str | None) -> list[tuple[str, str]]:
+def proxy_text(settings: Settings) -> str:
+    proxy = settings.proxy
+    if proxy is None:
+        return "nenhum (conexão direta)"
+    return f"{mask_url(proxy.display)} (de {proxy.source})"
+
+
+def settings_rows(settings: Settings) -> list[tuple[str, str]]:
     return [
         ("API", mask_url(settings.base_url) or ""),
-        ("Proxy", mask_url(proxy) or "nenhum (conexão direta)"),
+        ("Proxy", proxy_text(settings)),
         ("Banco de dados", database_text(settings)),
         ("Laboratórios (TERCEIROS)", ", ".join(settings.terceiros)),
         ("Envios em paralelo (BEMSOFT_CONCURRENCY)", str(settings.concurrency)),
@@ -333,7 +340,7 @@ def millis(seconds: float | None) -> str:
 
 
 def build_page(snap: Snapshot, settings: Settings, failures: FailureSummary, *,
-               env_file: str | None = None, proxy: str | None = None) -> Page:
+               env_file: str | None = None) -> Page:
     tz = settings.tz
     tiles = [
         ("Checkpoint", checkpoint_text(snap.checkpoint), "último CodItemSol com resultado registrado"),
@@ -356,7 +363,7 @@ def build_page(snap: Snapshot, settings: Settings, failures: FailureSummary, *,
                 generated=moment(snap.now, tz), banner=banner(snap, tz), tiles=tiles, chart=chart,
                 outcomes=outcomes, failures=failures, failure_rows=failure_rows,
                 replay=replay_command(settings.failed_dir, env_file),
-                settings=settings_rows(settings, proxy))
+                settings=settings_rows(settings))
 
 
 # ---------------------------------------------------------------- HTML
@@ -487,14 +494,14 @@ class Console:
     """What the HTTP server calls: `render()` and `authorized()`."""
 
     def __init__(self, board: StatusBoard, settings: Settings, *, env_file: str | None = None,
-                 proxy: str | None = None, scan: FailureScan | None = None):
+                 scan: FailureScan | None = None):
         self.board, self.settings = board, settings
-        self.env_file, self.proxy = env_file, proxy
+        self.env_file = env_file
         self.scan = scan or FailureScan(settings.failed_dir)
 
     def page(self) -> Page:
         return build_page(self.board.snapshot(), self.settings, self.scan.summary(),
-                          env_file=self.env_file, proxy=self.proxy)
+                          env_file=self.env_file)
 
     def render(self) -> str:
         return render_page(self.page())

@@ -21,6 +21,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.pool import StaticPool
 
 from .config import ConfigError, Settings
+from .redaction import redact
 from .schema import MONITOR_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -231,26 +232,9 @@ def _error_text(err: BaseException) -> str:
     return str(err)
 
 
-def _secrets(settings: Settings) -> list[str]:
-    found = []
-    if settings.db_pass:
-        found += [settings.db_pass, settings.db_pass.strip(), odbc_escape(settings.db_pass)]
-    if settings.database_url:
-        try:
-            password = make_url(settings.database_url).password
-        except ArgumentError:
-            password = None
-        if password:
-            found.append(str(password))
-    return sorted({s for s in found if s}, key=len, reverse=True)
-
-
 def _scrub(message: str, settings: Settings) -> str:
     """One line, without the password, trimmed to a readable length."""
-    message = re.sub(r"(?i)\b(PWD|password)\s*=\s*(\{(?:[^}]|\}\})*\}|[^;\s]*)", r"\1=***", message)
-    for secret in _secrets(settings):
-        message = message.replace(secret, "***")
-    message = " ".join(message.split())
+    message = " ".join(redact(message, settings).split())
     return message if len(message) <= 400 else message[:397] + "..."
 
 

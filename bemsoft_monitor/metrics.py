@@ -93,10 +93,38 @@ def health(monitor, max_age: float) -> tuple[int, dict]:
                                   "limite_segundos": max_age, "checkpoint": monitor.checkpoint}
 
 
-def start_metrics_server(monitor, port: int, max_age: float, host: str = "127.0.0.1",
-                         console=None):
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """At most `max_connections` connections served at once; one more is closed at once
+    instead of getting a thread (a scanner or a stuck client cannot pile threads up)."""
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_connections: int):
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            log.debug("metrics: conexões demais; %s recusado.", client_address)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def start_metrics_server(monitor, port: int, max_age: float, host: str = "127.0.0.1", *,
+                         console=None, connection_timeout: float = 10.0, max_connections: int = 8):
     """Serve /metrics and /healthz (and, given a `console`, the operator page at /) in a
-    daemon thread; returns the server (call shutdown())."""
+    daemon thread; returns the server (call shutdown()). Each connection is dropped after
+    `connection_timeout` seconds without a request."""
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -106,6 +134,7 @@ def start_metrics_server(monitor, port: int, max_age: float, host: str = "127.0.
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         wbufsize = 64 * 1024
+        timeout = connection_timeout
 
         def do_GET(self):
             path, _, query = self.path.partition("?")
@@ -145,11 +174,10 @@ def start_metrics_server(monitor, port: int, max_age: float, host: str = "127.0.
         def log_message(self, fmt, *args):
             log.debug("metrics: " + fmt, *args)
 
-    class Server(ThreadingHTTPServer):
+    class Server(BoundedHTTPServer):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET  # METRICS_HOST=::1
 
-    server = Server((host, port), Handler)
-    server.daemon_threads = True
+    server = Server((host, port), Handler, max_connections)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     log.info("Métricas em http://%s:%d/metrics e saúde em /healthz%s.", host, server.server_port,
              "; painel em /" if console is not None else "")

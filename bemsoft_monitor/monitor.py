@@ -485,7 +485,9 @@ class Monitor:
                      f"entregues; último erro: {delivery.reason}")
             self._record_failure(job)
             return
-        log.warning("Solicitação %s não entregue (%s, HTTP %s, chave %s, tentativa %d); "
+        # an answer that is not the API's (portal) is logged once per outage by the client
+        log.log(logging.DEBUG if delivery.unexpected else logging.WARNING,
+                "Solicitação %s não entregue (%s, HTTP %s, chave %s, tentativa %d); "
                     "será reenviada com a mesma chave.", job.cod, delivery.reason,
                     delivery.status, job.key, attempts)
 

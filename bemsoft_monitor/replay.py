@@ -19,6 +19,7 @@ from .client import BemsoftClient, Delivery
 from .config import Settings
 from .failures import FailureFileError, FailureRecord, FailureStore
 from .payload import TransformError, build_payload, idempotency_key
+from .redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ CLAIM_MARK = ".claimed-"
 STALE_CLAIM_SECONDS = 3600
 
 OK, WOULD_SEND, FAILED, SKIPPED = "ok", "would-send", "failed", "skipped"
+HEADER_SAFE = re.compile(r"[\x21-\x7e]{1,200}")   # visible ASCII: fits an HTTP header
 
 
 @dataclass
@@ -55,9 +57,12 @@ def replay_key(record: FailureRecord, item_ids: list[int]) -> str:
     return f"{base}-r{stamp}"
 
 
-def claim(path: Path) -> Path | None:
-    """Atomically take a file for this process; None if someone else took it first."""
-    claimed = path.with_name(f"{path.name}{CLAIM_MARK}{os.getpid()}")
+def claim(path: Path, now: float | None = None) -> Path | None:
+    """Atomically take a file for this process; None if someone else took it first. The
+    claim's name carries the pid and the time it was taken (`.claimed-<pid>-<unix time>`):
+    a rename keeps the file's old mtime, so only the name can say how old the claim is."""
+    stamp = int(time.time() if now is None else now)
+    claimed = path.with_name(f"{path.name}{CLAIM_MARK}{os.getpid()}-{stamp}")
     try:
         os.rename(path, claimed)
     except FileNotFoundError:
@@ -72,16 +77,15 @@ def release(claimed: Path) -> Path:
 
 
 def release_stale_claims(directory: Path, now: float | None = None) -> list[Path]:
-    """Give back files claimed by a replay that died (its pid is gone, or the claim is old)."""
+    """Give back files claimed by a replay that died (its pid is gone, or the claim is older
+    than STALE_CLAIM_SECONDS by the time in its name). A claim without a time (older
+    versions) is given back."""
     released = []
     now = time.time() if now is None else now
     for claimed in Path(directory).glob(f"*.json{CLAIM_MARK}*"):
-        match = re.search(re.escape(CLAIM_MARK) + r"(\d+)$", claimed.name)
+        match = re.search(re.escape(CLAIM_MARK) + r"(\d+)(?:-(\d+))?$", claimed.name)
         pid = int(match[1]) if match else 0
-        try:
-            age = now - claimed.stat().st_mtime
-        except FileNotFoundError:
-            continue
+        age = now - int(match[2]) if match and match[2] else float("inf")
         if not _pid_alive(pid) or age > STALE_CLAIM_SECONDS:
             try:
                 released.append(release(claimed))
@@ -106,13 +110,26 @@ def _pid_alive(pid: int) -> bool:
 
 def prepare(record: FailureRecord, settings: Settings, catalog) -> tuple[dict, list[int], str]:
     """Rebuild payload and key; raises TransformError when it still cannot be sent."""
+    if not HEADER_SAFE.fullmatch(record.cod or "0"):
+        raise TransformError(f"o código da solicitação {record.cod!r} tem caractere que não cabe "
+                             "no cabeçalho Idempotency-Key (quebra de linha, espaço, acento): "
+                             "corrija 'cod_solicitacao' no arquivo")
     built = build_payload(record.event, settings, catalog)
     if built.rejected:
         reasons = "; ".join(f"item {item.get('CodItemSol')}: {why}" for item, why in built.rejected)
         raise TransformError(f"ainda há itens que não podem ser enviados: {reasons}")
     if built.payload is None:
         raise TransformError("o evento não tem itens para enviar")
-    return built.payload, built.item_ids, replay_key(record, built.item_ids)
+    try:
+        json.dumps(built.payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise TransformError(f"o arquivo tem texto inválido (caractere UTF-16 isolado, "
+                             f"{err.object[err.start:err.end]!r}): corrija o evento no arquivo") from None
+    key = replay_key(record, built.item_ids)
+    if not HEADER_SAFE.fullmatch(key):
+        raise TransformError(f"a chave {key!r} não cabe no cabeçalho Idempotency-Key: corrija "
+                             "'idempotency_key' no arquivo")
+    return built.payload, built.item_ids, key
 
 
 def replay_file(path: Path, settings: Settings, client: BemsoftClient | None, catalog, *,
@@ -132,8 +149,8 @@ def replay_file(path: Path, settings: Settings, client: BemsoftClient | None, ca
             return ReplayResult(path, FAILED, str(err), key=record.key)
         except Exception as err:  # an odd stored value must not stop the other files
             log.debug("Erro inesperado ao remontar %s", path.name, exc_info=True)
-            return ReplayResult(path, FAILED, f"erro inesperado ao montar o pedido: {err!r}",
-                                key=record.key)
+            return ReplayResult(path, FAILED, "erro inesperado ao montar o pedido: "
+                                + redact(repr(err), settings), key=record.key)
         if not send:
             return ReplayResult(path, WOULD_SEND, f"seria enviado com a chave {key} "
                                                   f"({len(item_ids)} itens)", key, payload)
@@ -142,7 +159,12 @@ def replay_file(path: Path, settings: Settings, client: BemsoftClient | None, ca
             # file is moved, the next replay re-sends with the same key and the API dedupes
             record.key, record.http_status = key, None
             _save(claimed, record.to_json())
-        delivery = client.deliver(payload, key)
+        try:
+            delivery = client.deliver(payload, key)
+        except Exception as err:  # one file's odd content must not stop the others
+            log.debug("Erro ao enviar %s", path.name, exc_info=True)
+            return ReplayResult(path, FAILED, "erro ao enviar: " + redact(repr(err), settings),
+                                key=key)
         if delivery.ok:
             target = _move_delivered(claimed, move_ok, path.name)
             claimed = None

@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 from .config import load_settings_or_report
+from .redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,13 @@ def main(argv=None, out=None) -> int:
             return 2
         settings = settings.with_overrides(dry_run=False)
 
-    from .app import install_signal_handlers, make_catalog, setup_logging, watch_stop_file
+    from .app import (install_signal_handlers, make_catalog, protect_private_data, setup_logging,
+                      watch_stop_file)
     from .client import BemsoftClient
     from .retry import PauseGate
 
+    if args.send:
+        protect_private_data(settings)
     setup_logging(settings, to_file=args.send)
     directory = Path(args.dir) if args.dir else settings.failed_dir
     move_ok = Path(args.move_ok) if args.move_ok else directory.parent / "sent"
@@ -72,12 +76,27 @@ def main(argv=None, out=None) -> int:
     catalog = make_catalog(settings, client)
     try:
         while True:
-            code = replay_once(args, settings, client, catalog, directory, move_ok, out)
+            try:
+                code = replay_once(args, settings, client, catalog, directory, move_ok, out)
+            except Exception as err:  # --watch goes on: the next round may work
+                if not args.watch:
+                    raise
+                log.error("Rodada de reenvio falhou (%s); nova tentativa em %g s.",
+                          redact(repr(err), settings), args.watch)
+                code = 1
             if not args.watch or shutdown.wait(args.watch):
                 return code
     finally:
         if client:
             client.close()
+
+
+def show(text: str, out, settings) -> None:
+    """Print one line, redacted, even when it holds text the console cannot encode (a lone
+    surrogate read from a failure file): such characters are shown escaped."""
+    encoding = getattr(out, "encoding", None) or "utf-8"
+    text = redact(text, settings).encode(encoding, "backslashreplace").decode(encoding, "replace")
+    print(text, file=out, flush=True)
 
 
 def replay_once(args, settings, client, catalog, directory: Path, move_ok: Path, out) -> int:
@@ -95,18 +114,24 @@ def replay_once(args, settings, client, catalog, directory: Path, move_ok: Path,
     counts = {OK: 0, WOULD_SEND: 0, FAILED: 0, SKIPPED: 0}
     for path in paths:
         if not path.exists():
-            print(f"[ERRO] {path}: arquivo não encontrado", file=out, flush=True)
+            show(f"[ERRO] {path}: arquivo não encontrado", out, settings)
             counts[FAILED] += 1
             continue
-        result = replay_file(path, settings, client, catalog, send=args.send, move_ok=move_ok)
+        try:
+            result = replay_file(path, settings, client, catalog, send=args.send, move_ok=move_ok)
+        except Exception as err:  # one bad file is reported; the others still go
+            log.debug("Erro inesperado em %s", path.name, exc_info=True)
+            show(f"[ERRO] {path.name}: erro inesperado: {err!r}", out, settings)
+            counts[FAILED] += 1
+            continue
         counts[result.status] += 1
         label = {OK: "[OK]", WOULD_SEND: "[DRY-RUN]", FAILED: "[ERRO]", SKIPPED: "[PULADO]"}[result.status]
-        print(f"{label} {path.name}: {result.message}", file=out, flush=True)
+        show(f"{label} {path.name}: {result.message}", out, settings)
         if result.payload is not None and (args.verbose or not args.send):
-            print(json.dumps(result.payload, ensure_ascii=False, indent=2), file=out)
+            show(json.dumps(result.payload, ensure_ascii=False, indent=2), out, settings)
         if args.verbose and result.delivery is not None:
-            print(f"      HTTP {result.delivery.status}, {result.delivery.attempts} tentativa(s): "
-                  f"{result.delivery.body}", file=out)
-    print(f"Resumo: {len(paths)} arquivo(s); enviados {counts[OK]}, com erro {counts[FAILED]}, "
-          f"a enviar (dry-run) {counts[WOULD_SEND]}, pulados {counts[SKIPPED]}.", file=out, flush=True)
+            show(f"      HTTP {result.delivery.status}, {result.delivery.attempts} tentativa(s): "
+                 f"{result.delivery.body}", out, settings)
+    show(f"Resumo: {len(paths)} arquivo(s); enviados {counts[OK]}, com erro {counts[FAILED]}, "
+         f"a enviar (dry-run) {counts[WOULD_SEND]}, pulados {counts[SKIPPED]}.", out, settings)
     return 1 if counts[FAILED] else 0

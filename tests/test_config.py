@@ -369,6 +369,12 @@ CLI_CASES = [
     ("--check", {"BEMSOFT_BASE_URL": "ftp://x"}, "BEMSOFT_BASE_URL"),
     ("--status", {"DEFAULT_GENDER": "X"}, "DEFAULT_GENDER"),
     ("--once", {"BEMSOFT_TEST_MAP_PATH": "nao_existe.json"}, "BEMSOFT_TEST_MAP_PATH"),
+    ("--once", {"BEMSOFT_TOKEN": '"tok-SEGREDO\\nresto"'}, "BEMSOFT_TOKEN"),
+    ("--check", {"BEMSOFT_TOKEN": "tok com espaço"}, "BEMSOFT_TOKEN"),
+    ("--once", {"DATABASE_URL": "postgresql+psycopg://u:S3GR3D0@db:porta/base"}, "DATABASE_URL"),
+    ("--once", {"BEMSOFT_BASE_URL": "http://bemsoft.ws.wiselab.com.br"}, "BEMSOFT_BASE_URL"),
+    ("--once", {"BEMSOFT_PROXY": "http://u:S3GR3D0@proxy:abc"}, "BEMSOFT_PROXY"),
+    ("--once", {"BEMSOFT_CA_BUNDLE": "nao_existe.pem"}, "BEMSOFT_CA_BUNDLE"),
 ]
 
 
@@ -387,6 +393,8 @@ def test_cli_bad_env_exits_2_with_one_line(tmp_path, mode, change, key):
     assert result.stdout == ""
     assert not (tmp_path / "nao_usado.db").exists()   # stopped before touching the database
     assert not (tmp_path / "falhas").exists()
+    for secret in ("SEGREDO", "S3GR3D0"):                 # values are never echoed
+        assert secret not in result.stderr
 
 
 def test_cli_missing_env_file_exits_2_with_one_line(tmp_path):
@@ -414,3 +422,110 @@ def test_cli_help():
         assert option in result.stdout
     assert "Bemsoft" in result.stdout
     assert result.stderr == ""
+
+
+# ------------------------------------------------------------------ hospital networks (SPEC §8)
+@pytest.mark.parametrize("token", ["tok\nen-123", "tok en-123", "tokén-123", "tok\ten-123",
+                                   "tok\x7fen", "tok\u200ben"])
+def test_token_must_be_visible_ascii_without_spaces(token):
+    with pytest.raises(ConfigError) as err:
+        parse(BEMSOFT_TOKEN=token)
+    assert_one_line_naming(err.value, "BEMSOFT_TOKEN")
+    assert token not in str(err.value) and "en-123" not in str(err.value)
+
+
+def test_token_with_a_line_break_from_dotenv_quotes_is_refused(tmp_path):
+    path = write_env(tmp_path / "t.env", 'DATABASE_URL=sqlite://\nTERCEIROS=X\n'
+                                         'BEMSOFT_TOKEN="abc-SEGREDO\\ndef"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, environ={})
+    assert err.value.key == "BEMSOFT_TOKEN" and "SEGREDO" not in str(err.value)
+
+
+def test_plain_http_is_refused_unless_loopback_or_allowed():
+    with pytest.raises(ConfigError) as err:
+        parse(BEMSOFT_BASE_URL="http://bemsoft.ws.wiselab.com.br")
+    assert_one_line_naming(err.value, "BEMSOFT_BASE_URL")
+    for url in ("http://127.0.0.1:8099", "http://localhost:8099", "http://[::1]:8099",
+                "https://bemsoft.ws.wiselab.com.br"):
+        assert parse(BEMSOFT_BASE_URL=url).base_url == url
+    assert parse(BEMSOFT_BASE_URL="http://api.interna", BEMSOFT_ALLOW_HTTP="1").base_url
+
+
+HTTPS_API = {"BEMSOFT_BASE_URL": "https://api.bemsoft.test"}
+
+
+@pytest.mark.parametrize("env, expected, source", [
+    ({}, None, None),
+    ({"HTTPS_PROXY": "http://proxy:3128"}, "http://proxy:3128", "HTTPS_PROXY"),
+    ({"https_proxy": "proxy.hospital:8080"}, "http://proxy.hospital:8080", "https_proxy"),
+    ({"HTTPS_PROXY": "http://a:1", "https_proxy": "http://b:2"}, "http://b:2", "https_proxy"),
+    ({"HTTP_PROXY": "http://only-http:1"}, None, None),     # the API is https
+    ({"HTTPS_PROXY": "http://p:1", "BEMSOFT_PROXY": "http://mine:2"}, "http://mine:2", "BEMSOFT_PROXY"),
+    ({"HTTPS_PROXY": "http://p:1", "BEMSOFT_PROXY": "none"}, None, None),
+    ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": "api.bemsoft.test"}, None, None),
+    ({"HTTPS_PROXY": "http://p:1", "no_proxy": ".bemsoft.test"}, None, None),
+    ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": "*"}, None, None),
+    ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": "outro.com,bemsoft.test"}, None, None),
+    ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": "outro.com"}, "http://p:1", "HTTPS_PROXY"),
+    ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": "api.bemsoft.test", "BEMSOFT_PROXY": "http://m:2"},
+     "http://m:2", "BEMSOFT_PROXY"),
+])
+def test_proxy_selection(env, expected, source):
+    proxy = parse(**HTTPS_API, **env).proxy
+    assert (proxy.url if proxy else None) == expected
+    assert (proxy.source if proxy else None) == source
+
+
+def test_environment_proxy_is_never_used_for_a_loopback_api():
+    assert parse(BEMSOFT_BASE_URL="http://127.0.0.1:8099", HTTP_PROXY="http://p:1").proxy is None
+    assert parse(BEMSOFT_BASE_URL="http://127.0.0.1:8099", BEMSOFT_PROXY="http://p:1").proxy
+
+
+def test_proxy_credentials_are_decoded_masked_and_kept_out_of_repr():
+    settings = parse(**HTTPS_API, BEMSOFT_PROXY="http://lab%40ti:s%3Acreta@proxy:3128")
+    proxy = settings.proxy
+    assert (proxy.username, proxy.password) == ("lab@ti", "s:creta")
+    assert proxy.url == "http://proxy:3128" and proxy.display == "http://***@proxy:3128"
+    assert "creta" not in repr(settings) and "creta" not in repr(proxy)
+    assert {"lab@ti", "s:creta"} <= set(settings.secrets)
+
+
+def test_process_environment_proxy_reaches_the_settings(tmp_path):
+    path = write_env(tmp_path / "p.env", "DATABASE_URL=sqlite://\nTERCEIROS=X\nBEMSOFT_DRY_RUN=1\n")
+    settings = load_settings(path, environ={"https_proxy": "http://proxy.hospital:3128",
+                                            "NO_PROXY": "localhost"})
+    assert settings.proxy.url == "http://proxy.hospital:3128"
+
+
+@pytest.mark.parametrize("raw", ["ftp://proxy:21", "http://u:S3GR3D0@proxy:porta",
+                                 "http://proxy:3128/caminho", "http://:3128"])
+def test_bad_proxy_is_one_line_naming_the_key_without_the_value(raw):
+    with pytest.raises(ConfigError) as err:
+        parse(**HTTPS_API, HTTPS_PROXY=raw)
+    assert_one_line_naming(err.value, "HTTPS_PROXY")
+    assert "S3GR3D0" not in str(err.value)
+
+
+def test_ca_bundle_must_be_a_pem_file(tmp_path):
+    bad = tmp_path / "ca.pem"
+    bad.write_text("isto não é um certificado", encoding="utf-8")
+    for path in (bad, tmp_path / "nao_existe.pem"):
+        with pytest.raises(ConfigError) as err:
+            parse(BEMSOFT_CA_BUNDLE=str(path))
+        assert_one_line_naming(err.value, "BEMSOFT_CA_BUNDLE")
+
+
+def test_verify_off_is_a_warning_at_every_start():
+    notes = parse(BEMSOFT_VERIFY="0").notes
+    assert any("BEMSOFT_VERIFY=0" in note and "BEMSOFT_CA_BUNDLE" in note for note in notes)
+    assert not any("BEMSOFT_VERIFY" in note for note in parse().notes)
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg://u:S3GR3D0@db:porta/base",
+                                 "mssql+pyodbc://u:S3GR3D0@host:1433x/base"])
+def test_database_url_with_a_bad_port_is_a_config_error(url):
+    with pytest.raises(ConfigError) as err:
+        parse(DATABASE_URL=url)
+    assert_one_line_naming(err.value, "DATABASE_URL")
+    assert "S3GR3D0" not in str(err.value)

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from bemsoft_monitor.client import Delivery
-from bemsoft_monitor.config import ConfigError, is_loopback, parse_settings
+from bemsoft_monitor.config import ConfigError, Proxy, is_loopback, parse_settings
 from bemsoft_monitor.console import (Console, FailureScan, authorized, build_page, mask_url,
                                      reason_group, render_page, replay_command)
 from bemsoft_monitor.failures import FailureRecord, FailureStore
@@ -136,7 +136,9 @@ def test_failures_grouped_by_reason_with_replay_command_and_no_patient_data(tmp_
                         "cadastre-o; item 1042: exame 'XYZ999' não existe")
     (settings.failed_dir / "quebrado.json").write_text("{não é json", encoding="utf-8")
     board = StatusBoard(clock=Clock(), tz=SP)
-    console = Console(board, settings, proxy="http://proxyuser:PROXY-SENHA@proxy.lab:3128")
+    settings = settings.with_overrides(proxy=Proxy("http://proxy.lab:3128", "BEMSOFT_PROXY",
+                                                   "proxyuser", "PROXY-SENHA"))
+    console = Console(board, settings)
     page = console.page()
     assert [(row[0], row[1]) for row in page.failure_rows] == [
         ("paciente sem sexo M/F", "2"),
@@ -150,7 +152,7 @@ def test_failures_grouped_by_reason_with_replay_command_and_no_patient_data(tmp_
                    TOKEN, "SENHA-DO-BANCO", "PROXY-SENHA", "proxyuser", "painel-token-0123456789"):
         assert secret not in html, secret
     settings_shown = dict(page.settings)
-    assert settings_shown["Proxy"] == "http://***@proxy.lab:3128"
+    assert settings_shown["Proxy"] == "http://***@proxy.lab:3128 (de BEMSOFT_PROXY)"
     assert settings_shown["Banco de dados"] == "postgresql: db.lab.local:5433 / LIS"
     assert settings_shown["API"] == "https://bemsoft.example.test"
     assert settings_shown["Laboratórios (TERCEIROS)"] == LAB

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -126,7 +127,7 @@ def test_retry_limit_and_single_file(env_file, legacy, tmp_path):
 
 
 def test_a_claimed_file_is_not_sent_by_another_replay(env_file, legacy, api, tmp_path):
-    from bemsoft_monitor.replay import claim, release_stale_claims
+    from bemsoft_monitor.replay import CLAIM_MARK, claim, release_stale_claims
     make_failures(legacy, env_file)
     with open(env_file, "a", encoding="utf-8") as fh:
         fh.write("DEFAULT_GENDER=F\n")
@@ -136,7 +137,9 @@ def test_a_claimed_file_is_not_sent_by_another_replay(env_file, legacy, api, tmp
     result = run("retry_failed.py", "--env-file", str(env_file), "--send", "--file", str(target))
     assert "arquivo não encontrado" in result.stdout
     # a claim whose process died is given back
-    dead = claimed.with_name(claimed.name.rsplit("-", 1)[0] + "-999999")
+    pid, stamp = claimed.name.rsplit(CLAIM_MARK, 1)[1].split("-")
+    assert int(pid) == os.getpid() and abs(int(stamp) - time.time()) < 60
+    dead = claimed.with_name(f"{target.name}{CLAIM_MARK}999999-{stamp}")   # a recent claim
     claimed.rename(dead)
     assert release_stale_claims(tmp_path / "failed") == [target]
     assert target.exists()
@@ -313,3 +316,111 @@ def test_replay_keeps_its_fresh_key_when_the_send_does_not_finish(env_file, lega
     keys = [r["key"] for r in api.requests if r.get("body") and "batch" in r["body"]]
     assert keys[-1] == record["idempotency_key"]
     assert len(api.stored_tests()) == 1
+
+
+# ------------------------------------------------------------------ one bad file costs itself
+def failure_event(cod, item_id, nome="Paciente"):
+    return {"cod_solicitacao": str(cod),
+            "solicitacao": {"codsolicitacao": cod, "codpaciente": 100 + cod,
+                            "dtaentrada": "2026-11-27T00:00:00", "Hora": "08:30"},
+            "paciente": {"codpaciente": 100 + cod, "nome": nome, "cpf": None,
+                         "datanasc": "1980-01-02", "sexo": "F"},
+            "items": [{"CodItemSol": item_id, "CodSolicitacao": cod, "CodConvExames": "GLI",
+                       "DataEntrada": "2026-11-27T08:31:00", "DescExames": "GLI", "Origem": "A"}]}
+
+
+def write_failure(directory, name, cod, item_id, *, nome="Paciente", key="", raw=None):
+    directory.mkdir(exist_ok=True)
+    data = {"version": 1, "reason": "teste", "http_status": None, "attempts": 1,
+            "idempotency_key": key, "cod_solicitacao": cod, "item_ids": [item_id],
+            "event": failure_event(1, item_id, nome)}
+    data["event"]["cod_solicitacao"] = cod
+    text = json.dumps(data, ensure_ascii=True) if raw is None else raw(json.dumps(data))
+    (directory / name).write_text(text, encoding="utf-8")
+
+
+def test_retry_reports_each_bad_file_and_sends_the_good_ones(env_file, api, tmp_path):
+    failed = tmp_path / "failed"
+    write_failure(failed, "20260101T000001Z_1_a.json", "1", 11,
+                  raw=lambda text: text.replace('"Paciente"', '"Pac\\ud800iente"'))
+    write_failure(failed, "20260101T000002Z_2_b.json", "2\n3", 12)
+    write_failure(failed, "20260101T000003Z_3_c.json", "3é", 13)
+    write_failure(failed, "20260101T000004Z_4_d.json", "4", 14, key="sol-4-abc\r\nX-Injetado: 1")
+    write_failure(failed, "20260101T000005Z_5_e.json", "5", 15)   # the API refuses it (400)
+    write_failure(failed, "20260101T000006Z_6_f.json", "6", 16)   # fine
+    api.fail_next(1, status=400, body={"errors": ["batch.order: recusado"]})
+    result = run("retry_failed.py", "--env-file", str(env_file), "--send", "--verbose")
+    out = result.stdout
+    assert result.returncode == 1 and "Traceback" not in result.stderr + out, result.stderr
+    assert "Resumo: 6 arquivo(s); enviados 1, com erro 5" in out
+    assert "[OK] 20260101T000006Z_6_f.json" in out
+    assert "[ERRO] 20260101T000001Z_1_a.json: o arquivo tem texto inválido" in out
+    assert "[ERRO] 20260101T000002Z_2_b.json: o código da solicitação '2\\n3'" in out
+    assert "[ERRO] 20260101T000003Z_3_c.json: o código da solicitação '3é'" in out
+    assert "[ERRO] 20260101T000004Z_4_d.json: a chave" in out
+    assert "[ERRO] 20260101T000005Z_5_e.json: API rejeitou o pedido (HTTP 400" in out
+    assert api.stored_tests() == ["item-16"]
+    assert len(list(failed.glob("*.json"))) == 5            # the bad ones stay in place
+    assert not any("X-Injetado" in str(r["headers"]) for r in api.requests)
+
+
+def test_retry_watch_goes_on_past_bad_files(env_file, api, tmp_path):
+    failed = tmp_path / "failed"
+    write_failure(failed, "20260101T000001Z_1_a.json", "1\n", 11)
+    write_failure(failed, "20260101T000002Z_2_b.json", "2", 12)
+    stop = tmp_path / "retry.stop"
+    proc = subprocess.Popen([sys.executable, "retry_failed.py", "--env-file", str(env_file),
+                             "--send", "--watch", "0.2", "--stop-file", str(stop)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("BEMSOFT_")})
+    try:
+        deadline = time.monotonic() + 30
+        while "item-12" not in api.stored_tests() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        write_failure(failed, "20260101T000003Z_3_c.json", "3", 13)   # appears later
+        while "item-13" not in api.stored_tests() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop.write_text("stop")
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert sorted(api.stored_tests()) == ["item-12", "item-13"]
+    assert out.count("[ERRO] 20260101T000001Z_1_a.json") >= 2     # reported every round
+    assert "Traceback" not in err
+
+
+def test_stale_claims_are_judged_by_the_claim_time_not_the_file_age(tmp_path):
+    from bemsoft_monitor.replay import STALE_CLAIM_SECONDS, claim, release_stale_claims
+    path = tmp_path / "20240101T000000Z_1_x.json"
+    path.write_text("{}", encoding="utf-8")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(path, (two_days_ago, two_days_ago))             # an old failure, claimed just now
+    claimed = claim(path)
+    assert claimed is not None and claimed.stat().st_mtime == pytest.approx(two_days_ago)
+    assert release_stale_claims(tmp_path) == []             # a live replay holds it
+    later = time.time() + STALE_CLAIM_SECONDS + 60
+    assert release_stale_claims(tmp_path, now=later) == [path]   # a claim that old is stale
+
+
+def test_metrics_server_drops_idle_connections_and_bounds_them(harness):
+    from bemsoft_monitor.metrics import start_metrics_server
+    monitor = harness.monitor()
+    server = start_metrics_server(monitor, 0, max_age=60, connection_timeout=0.5,
+                                  max_connections=2)
+    address = ("127.0.0.1", server.server_port)
+    idle = [socket.create_connection(address, timeout=10) for _ in range(2)]
+    try:
+        with socket.create_connection(address, timeout=10) as extra:
+            extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert extra.recv(1024) == b""   # one connection too many: closed, no thread
+        for sock in idle:                    # idle connections are dropped by the server
+            assert sock.recv(1024) == b""
+        monitor.step()
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/healthz",
+                                    timeout=5) as resp:
+            assert resp.status == 200       # the slots came back
+    finally:
+        for sock in idle:
+            sock.close()
+        server.shutdown()

@@ -163,12 +163,40 @@ def test_pause_gate_sleep():
 # ---------------------------------------------------------------- classify
 
 @pytest.mark.parametrize("status", [200, 201, 202, 204])
-@pytest.mark.parametrize("body", [b"", b"   ", b'{"id": "x", "status": "received"}', b"[]",
-                                  b"not json", b'{"error": null}', b'"ok"'])
-def test_2xx_without_an_error_is_delivered(status, body):
+@pytest.mark.parametrize("body", [b'{"id": "x", "status": "received"}', b"[]",
+                                  b'{"error": null}', b'"ok"', b"{}"])
+def test_2xx_json_without_an_error_is_delivered(status, body):
     outcome, reason = classify(status, body)
     assert outcome == DELIVERED
     assert str(status) in reason
+
+
+@pytest.mark.parametrize("status", [201, 204])
+@pytest.mark.parametrize("body", [b"", b"   "])
+def test_an_empty_body_is_delivered_only_with_201_or_204(status, body):
+    assert classify(status, body)[0] == DELIVERED
+    assert classify(200, body)[0] == TRANSIENT
+    assert classify(202, body)[0] == TRANSIENT
+
+
+@pytest.mark.parametrize("status", [200, 201, 202])
+@pytest.mark.parametrize("body", [b"<html><body>Login do portal Wi-Fi</body></html>",
+                                  b"not json", b"OK", "Acesso negado pelo proxy \u00e9".encode()])
+def test_2xx_that_is_not_json_is_not_the_api_and_is_retried(status, body):
+    """SPEC §8: a captive portal or a proxy page answering 200 is not a delivery."""
+    outcome, reason = classify(status, body)
+    assert outcome == TRANSIENT
+    assert "resposta inesperada: não parece ser a API (proxy/portal?)" in reason
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_not_the_api_and_is_retried(status):
+    assert classify(status, b"<html>moved</html>")[0] == TRANSIENT
+
+
+def test_a_407_from_a_plain_http_proxy_is_transient_and_names_the_settings():
+    outcome, reason = classify(407, b"<html>Proxy Authentication Required</html>")
+    assert outcome == TRANSIENT and "BEMSOFT_PROXY" in reason and "407" in reason
 
 
 @pytest.mark.parametrize("key", ["error", "errors", "erro", "erros"])
@@ -216,8 +244,8 @@ def test_400_is_permanent_and_carries_the_body():
     assert "400" in reason and "gender" in reason
 
 
-@pytest.mark.parametrize("status", [301, 404, 405, 413, 415, 422])
-def test_other_4xx_and_3xx_are_permanent(status):
+@pytest.mark.parametrize("status", [404, 405, 413, 415, 422])
+def test_other_4xx_are_permanent(status):
     outcome, reason = classify(status, b"nope")
     assert outcome == PERMANENT
     assert str(status) in reason

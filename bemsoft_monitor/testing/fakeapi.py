@@ -30,6 +30,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -232,11 +233,34 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, fake: "FakeBemsoft", port: int):
+    def __init__(self, fake: "FakeBemsoft", port: int, tls: ssl.SSLContext | None = None):
         self.fake = fake
+        self.tls = tls
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
         super().__init__((HOST, port), _Handler)
+
+    def finish_request(self, request, client_address):  # type: ignore[override]
+        """With TLS, the handshake happens here, in the connection's own thread (a slow or
+        refusing client never blocks accept)."""
+        if self.tls is None:
+            return super().finish_request(request, client_address)
+        try:
+            request.settimeout(10)
+            secure = self.tls.wrap_socket(request, server_side=True)
+            secure.settimeout(None)
+        except (OSError, ssl.SSLError) as exc:
+            log.debug("handshake TLS com %s falhou: %r", client_address, exc)
+            return
+        with self._conns_lock:
+            self._conns.discard(request)
+            self._conns.add(secure)
+        try:
+            super().finish_request(secure, client_address)
+        finally:
+            with self._conns_lock:
+                self._conns.discard(secure)
+            secure.close()
 
     def process_request(self, request, client_address):  # type: ignore[override]
         with self._conns_lock:
@@ -427,8 +451,12 @@ class FakeBemsoft:
 
     def __init__(self, token: str = "test-token", catalog: list[Any] | None = None,
                  port: int = 0, latency: float = 0.0, max_external_id: int = 20,
-                 endpoint: str = "/requests", keep_requests: int | None = None):
+                 endpoint: str = "/requests", keep_requests: int | None = None,
+                 tls: ssl.SSLContext | None = None, host_name: str = HOST):
+        """``tls``: serve HTTPS with this server context; ``host_name``: the name in
+        ``url`` (it still listens on 127.0.0.1 only; a test proxy can resolve the name)."""
         self.token = token
+        self.host_name = host_name
         self.endpoint = "/" + endpoint.strip("/")
         self.max_external_id = max_external_id
         self._initial_catalog = _normalize_catalog(catalog if catalog is not None else DEFAULT_CATALOG)
@@ -439,7 +467,7 @@ class FakeBemsoft:
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._reset_locked()
-        self._server = _Server(self, port)
+        self._server = _Server(self, port, tls)
 
     # -- lifecycle -------------------------------------------------------------------
     @property
@@ -448,7 +476,8 @@ class FakeBemsoft:
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        scheme = "https" if self._server.tls is not None else "http"
+        return f"{scheme}://{self.host_name}:{self.port}"
 
     def start(self) -> "FakeBemsoft":
         if self._thread is None:

@@ -78,11 +78,12 @@ def main(argv: list[str]) -> int:
             "DB_SERVER": r"srv-lis\SQLEXPRESS", "DB_NAME": "LabSystem", "DB_USER": "monitor",
             "DB_PASS": "nao-aparece", "TERCEIROS": "DIAGNÓSTICO DO BRASIL - DB",
             "BEMSOFT_TOKEN": "token-nao-aparece", "BEMSOFT_DRY_RUN": "0",
+            "BEMSOFT_PROXY": "http://usuario:senha@proxy.hospital.local:3128",
             "FAILED_DIR": str(Path(tmp) / "failed_events"), "TIMEZONE": "America/Sao_Paulo"})
         clock = [time.time() - 3600]
         board = StatusBoard(clock=lambda: clock[0], tz=settings.tz)
         simulate(board, clock, FailureStore(settings.failed_dir))
-        html = Console(board, settings, proxy="http://usuario:senha@proxy.hospital.local:3128").render()
+        html = Console(board, settings).render()
         page = Path(tmp) / "painel.html"
         page.write_text(html, encoding="utf-8")
         chromium = browser.Browser(width=1200, height=900)

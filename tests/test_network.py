@@ -1,0 +1,370 @@
+"""The hospital network (SPEC §8): the API reachable only through a forward proxy, TLS
+signed by a private CA, a captive portal answering 200 HTML, a server trickling its answer,
+a huge body, and what `--check` says about each broken route.
+
+The fake API serves TLS under `api.bemsoft.test`, a name only the test proxy resolves: an
+order that arrives went through the proxy (CONNECT) and was verified against the test CA."""
+from __future__ import annotations
+
+import base64
+import collections
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from bemsoft_monitor.client import BODY_CAP, TRANSIENT, BemsoftClient
+from bemsoft_monitor.config import parse_settings
+from bemsoft_monitor.testing.fakeapi import FakeBemsoft
+from bemsoft_monitor.payload import idempotency_key
+from conftest import LAB, ROOT, TOKEN, run
+from net_support import API_HOST, CannedServer, ForwardProxy, HospitalCA
+from test_api_behaviour import FAST, fast_clocks
+
+PORTAL = "<html><head><title>Hospital - acesso</title></head><body>Faça login</body></html>"
+PROXY_USER, PROXY_PASSWORD = "lab.ti", "S3nha-do-Proxy!"
+
+
+@pytest.fixture
+def ca(tmp_path):
+    return HospitalCA(tmp_path)
+
+
+@pytest.fixture
+def api(ca):
+    """The fake API over TLS, named api.bemsoft.test (overrides conftest's plain one)."""
+    with FakeBemsoft(token=TOKEN, tls=ca.server_context(), host_name=API_HOST) as server:
+        yield server
+
+
+@pytest.fixture
+def db_url(tmp_path):
+    """SQLite only: the network is what these tests are about."""
+    import sqlalchemy as sa
+    from bemsoft_monitor.testing.sampledata import create_legacy_schema
+    url = f"sqlite:///{tmp_path / 'legado.db'}"
+    create_legacy_schema(sa.create_engine(url))
+    return url
+
+
+@pytest.fixture
+def proxy():
+    with ForwardProxy() as server:
+        yield server
+
+
+@pytest.fixture
+def auth_proxy():
+    with ForwardProxy(credentials=(PROXY_USER, PROXY_PASSWORD)) as server:
+        yield server
+
+
+def stored_once(api, item_ids):
+    counts = collections.Counter(api.stored_tests())
+    return dict(counts) == {f"item-{i}": 1 for i in item_ids}
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------ through the proxy
+@pytest.mark.parametrize("variable", ["HTTPS_PROXY", "https_proxy"])
+def test_orders_and_catalog_go_through_the_proxy_with_the_private_ca(harness, proxy, ca, variable):
+    ids = harness.order(1, ["GLI", "HEMO"]) + harness.order(2, ["TSH"])
+    monitor = harness.monitor(**{variable: proxy.url, "BEMSOFT_CA_BUNDLE": ca.ca_pem})
+    monitor.step()
+    assert stored_once(harness.api, ids)
+    assert harness.api.tests_calls == 1
+    assert harness.checkpoint() == max(ids)
+    # GET /tests and both POSTs went through one CONNECT tunnel (keep-alive)
+    assert proxy.tunnels == [f"{API_HOST}:{harness.api.port}"]
+
+
+def test_bemsoft_proxy_wins_over_the_environment(harness, proxy, ca):
+    ids = harness.order(1, ["GLI"])
+    monitor = harness.monitor(HTTPS_PROXY=f"http://127.0.0.1:{closed_port()}",
+                              BEMSOFT_PROXY=proxy.url, BEMSOFT_CA_BUNDLE=ca.ca_pem)
+    monitor.step()
+    assert stored_once(harness.api, ids)
+    assert proxy.tunnels
+
+
+def test_process_environment_proxy_is_used_by_the_cli(env_file, legacy, proxy, ca, api):
+    ids = legacy.order(1, ["GLI"])
+    with open(env_file, "a", encoding="utf-8") as fh:
+        fh.write(f"BEMSOFT_CA_BUNDLE={ca.ca_pem}\n")
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env.update(HTTPS_PROXY=proxy.url, PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, "monitor_bemsoft.py", "--env-file", str(env_file),
+                             "--once"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert stored_once(api, ids)
+    assert proxy.tunnels
+
+
+def test_no_proxy_bypasses_the_proxy(harness, proxy, ca, caplog):
+    """NO_PROXY lists the API's domain: the monitor goes direct, where the name does not
+    resolve (only the proxy knows it) — nothing is sent, nothing lost, the log says DNS."""
+    ids = harness.order(1, ["GLI"])
+    monitor = harness.monitor(HTTPS_PROXY=proxy.url, NO_PROXY=".bemsoft.test",
+                              BEMSOFT_CA_BUNDLE=ca.ca_pem)
+    with caplog.at_level(logging.WARNING):
+        monitor.step()
+    assert proxy.tunnels == []
+    assert harness.api.stored_tests() == [] and harness.checkpoint() == 0
+    assert "falha de DNS" in caplog.text and API_HOST in caplog.text
+    assert stored_once(harness.api, []) and ids
+
+
+def test_proxy_credentials_are_sent_and_never_shown(harness, auth_proxy, ca, caplog, tmp_path):
+    ids = harness.order(1, ["GLI"])
+    url = f"http://{PROXY_USER}:{PROXY_PASSWORD.replace('!', '%21')}@127.0.0.1:{auth_proxy.port}"
+    monitor = harness.monitor(BEMSOFT_PROXY=url, BEMSOFT_CA_BUNDLE=ca.ca_pem)
+    with caplog.at_level(logging.DEBUG):
+        monitor.step()
+    assert stored_once(harness.api, ids) and auth_proxy.refused == 0
+    assert PROXY_PASSWORD not in caplog.text and "S3nha-do-Proxy%21" not in caplog.text
+
+
+def test_a_407_sends_nothing_loses_nothing_and_masks_the_credentials(harness, auth_proxy, ca,
+                                                                     caplog, tmp_path):
+    ids = harness.order(1, ["GLI"])
+    wrong = "senha-ERRADA-123"
+    monitor = fast_clocks(harness, harness.monitor(
+        BEMSOFT_PROXY=f"http://{PROXY_USER}:{wrong}@127.0.0.1:{auth_proxy.port}",
+        BEMSOFT_CA_BUNDLE=ca.ca_pem, **FAST))
+    with caplog.at_level(logging.DEBUG):
+        monitor.step()
+    assert auth_proxy.refused >= 1 and harness.api.stored_tests() == []
+    assert harness.checkpoint() == 0 and not list((tmp_path / "failed").glob("*.json"))
+    assert "407" in caplog.text and "BEMSOFT_PROXY" in caplog.text
+    secret_b64 = base64.b64encode(f"{PROXY_USER}:{wrong}".encode()).decode()
+    for secret in (wrong, secret_b64, PROXY_USER):
+        assert secret not in caplog.text
+    fixed = harness.monitor(BEMSOFT_PROXY=f"http://{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:"
+                                          f"{auth_proxy.port}", BEMSOFT_CA_BUNDLE=ca.ca_pem)
+    fixed.step()
+    assert stored_once(harness.api, ids)
+
+
+# ------------------------------------------------------------------ a captive portal
+def test_portal_answering_200_html_then_going_away_loses_nothing(harness, proxy, ca, caplog,
+                                                                tmp_path):
+    orders = {cod: harness.order(cod, ["GLI", "TSH"]) for cod in (1, 2, 3)}
+    monitor = fast_clocks(harness, harness.monitor(HTTPS_PROXY=proxy.url,
+                                                   BEMSOFT_CA_BUNDLE=ca.ca_pem, **FAST))
+    harness.api.fail_next(5, status=200, body=PORTAL)      # the portal answers, not the API
+    with caplog.at_level(logging.INFO):
+        monitor.step()
+        for _ in range(5):
+            if harness.checkpoint() == max(orders[3]):
+                break
+            monitor.skip_pause()
+            monitor.step()
+    everything = [i for ids in orders.values() for i in ids]
+    assert stored_once(harness.api, everything)             # every order arrived, once
+    assert harness.checkpoint() == max(everything)
+    assert not list((tmp_path / "failed").glob("*.json"))
+    sent = [r for r in harness.api.requests if isinstance(r.get("body"), dict)]
+    assert [r["status"] for r in sent].count(200) == 5      # five answers from the portal
+    keys = {cod: idempotency_key(str(cod), ids) for cod, ids in orders.items()}
+    assert {r["key"] for r in sent} == set(keys.values())   # retried with the same keys
+    assert caplog.text.count("resposta inesperada: não parece ser a API (proxy/portal?)") == 1
+    assert "A API voltou a responder" in caplog.text
+
+
+# ------------------------------------------------------------------ bounded answers
+def make_client(tmp_path, base_url, **overrides) -> BemsoftClient:
+    values = {"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", "TERCEIROS": LAB,
+              "BEMSOFT_BASE_URL": base_url, "BEMSOFT_TOKEN": TOKEN, "BEMSOFT_TIMEOUT": "5",
+              "BEMSOFT_RETRIES": "0", "LOG_FILE": "-"}
+    values.update({k: str(v) for k, v in overrides.items()})
+    return BemsoftClient(parse_settings(values, base_dir=tmp_path))
+
+
+@pytest.mark.parametrize("trickle_head", [False, True], ids=["body", "headers"])
+def test_a_trickling_server_cannot_hold_a_sender_beyond_the_timeout(tmp_path, trickle_head):
+    body = b'{"id": "' + b"x" * 400 + b'"}'
+    with CannedServer(201, body, "application/json", trickle=0.05,
+                      trickle_head=trickle_head) as server:
+        client = make_client(tmp_path, server.url, BEMSOFT_TIMEOUT="0.5")
+        try:
+            delivery = client.deliver({"batch": {}}, "sol-1-abc")
+        finally:
+            client.close()
+        sent = server.bytes_sent
+    assert delivery.outcome == TRANSIENT and delivery.status is None
+    assert "tempo esgotado" in delivery.reason and "BEMSOFT_TIMEOUT" in delivery.reason
+    # each byte came within the socket timeout; only the whole-call deadline stopped it
+    assert 0 < sent < len(body)
+    if trickle_head:   # cut while the headers were still arriving
+        assert sent < len(b"HTTP/1.1 201 Canned\r\nContent-Type: application/json\r\n")
+
+
+def test_a_huge_body_is_capped_and_its_connection_dropped(tmp_path):
+    with FakeBemsoft(token=TOKEN) as fake:
+        client = make_client(tmp_path, fake.url)
+        try:
+            fake.fail_next(1, status=503, body="x" * (5 * BODY_CAP))
+            status, data, _ = client.post_once(b"{}", "sol-1-abc")
+            assert status == 503 and len(data) == BODY_CAP
+            fake.fail_next(1, status=503, body="pequeno")
+            status, data, _ = client.post_once(b"{}", "sol-1-abc")
+            assert (status, data) == (503, b"pequeno")
+            status, data, _ = client.post_once(b"{}", "sol-1-abc")
+            assert status == 400
+        finally:
+            client.close()
+        # the connection of the huge answer was dropped; the small answers kept theirs
+        assert fake.connections == 2
+
+
+def test_huge_2xx_body_is_not_taken_for_a_delivery(tmp_path):
+    huge = json.dumps({"id": "x" * (2 * BODY_CAP)})
+    with FakeBemsoft(token=TOKEN) as fake:
+        client = make_client(tmp_path, fake.url)
+        fake.fail_next(1, status=201, body=huge)
+        try:
+            delivery = client.deliver({"batch": {}}, "sol-1-abc")
+        finally:
+            client.close()
+    assert delivery.outcome == TRANSIENT and delivery.unexpected
+    assert len(delivery.body) <= 1000
+
+
+# ------------------------------------------------------------------ --check
+def check(env_file, *lines):
+    with open(env_file, "a", encoding="utf-8") as fh:
+        fh.write("".join(line + "\n" for line in lines))
+    result = run("monitor_bemsoft.py", "--env-file", str(env_file), "--check")
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_check_reports_the_route_when_everything_works(env_file, legacy, proxy, ca):
+    code, out = check(env_file, f"BEMSOFT_PROXY={proxy.url}", f"BEMSOFT_CA_BUNDLE={ca.ca_pem}")
+    assert code == 0, out
+    assert f"[OK]   Rota até a API: via proxy {proxy.url} (de BEMSOFT_PROXY)" in out
+    assert f"Certificados: os do sistema + BEMSOFT_CA_BUNDLE={ca.ca_pem}" in out
+    assert "Catálogo /tests carregado" in out
+
+
+def test_check_says_the_proxy_refused_the_credentials(env_file, legacy, auth_proxy, ca):
+    code, out = check(env_file, f"BEMSOFT_CA_BUNDLE={ca.ca_pem}",
+                      f"HTTPS_PROXY=http://{PROXY_USER}:nao-e-essa@127.0.0.1:{auth_proxy.port}")
+    assert code == 1
+    assert f"via proxy http://***@127.0.0.1:{auth_proxy.port} (de HTTPS_PROXY)" in out
+    assert "recusou a autenticação (HTTP 407)" in out
+    assert "nao-e-essa" not in out and PROXY_USER not in out
+
+
+def test_check_says_the_proxy_is_unreachable(env_file, legacy, ca):
+    port = closed_port()
+    code, out = check(env_file, f"BEMSOFT_CA_BUNDLE={ca.ca_pem}",
+                      f"BEMSOFT_PROXY=http://127.0.0.1:{port}")
+    assert code == 1 and f"proxy inacessível: http://127.0.0.1:{port} (BEMSOFT_PROXY)" in out
+
+
+def test_check_says_dns_failed(env_file, legacy, ca):
+    code, out = check(env_file, f"BEMSOFT_CA_BUNDLE={ca.ca_pem}")
+    assert code == 1
+    assert "Rota até a API: direta, sem proxy" in out
+    assert f"falha de DNS: o nome {API_HOST} não foi encontrado" in out
+
+
+def test_check_says_tls_verification_failed_and_suggests_the_ca_bundle(env_file, legacy, proxy):
+    code, out = check(env_file, f"HTTPS_PROXY={proxy.url}")
+    assert code == 1
+    assert "Certificados: os do sistema (sem BEMSOFT_CA_BUNDLE)" in out
+    assert f"falha na verificação TLS de {API_HOST}" in out and "BEMSOFT_CA_BUNDLE" in out
+
+
+def test_check_says_something_else_answered(env_file, legacy):
+    with CannedServer(200, PORTAL.encode()) as portal:
+        code, out = check(env_file, f"BEMSOFT_BASE_URL={portal.url}")
+    assert code == 1
+    assert "resposta inesperada: não parece ser a API (proxy/portal?)" in out
+
+
+# ------------------------------------------------------------------ one redaction
+def test_one_redaction_hides_token_proxy_and_database_credentials(tmp_path):
+    from bemsoft_monitor.redaction import redact
+    settings = parse_settings({
+        "DATABASE_URL": "postgresql+psycopg://lis:Db-S3nha@db.hospital:5432/lis",
+        "TERCEIROS": LAB, "BEMSOFT_TOKEN": TOKEN, "LOG_FILE": "-",
+        "BEMSOFT_PROXY": f"http://{PROXY_USER}:{PROXY_PASSWORD}@proxy.hospital:3128"},
+        base_dir=tmp_path)
+    text = redact(f"token {TOKEN}; proxy http://{PROXY_USER}:{PROXY_PASSWORD}@proxy.hospital:3128 "
+                  f"recusou {PROXY_PASSWORD}; banco Db-S3nha; "
+                  "ODBC DRIVER=x;PWD={a;b};UID=u; outro http://joao:xyz@host/; "
+                  "Proxy-Authorization: Basic bGFiLnRpOlMzbmhh", settings)
+    for secret in (TOKEN, PROXY_USER, PROXY_PASSWORD, "Db-S3nha", "{a;b}", "joao:xyz",
+                   "bGFiLnRpOlMzbmhh"):
+        assert secret not in text
+    assert "proxy.hospital:3128" in text and "***" in text
+
+
+# ------------------------------------------------------------------ patient data stays private
+@pytest.mark.skipif(os.name == "nt", reason="POSIX modes")
+def test_log_and_failure_files_are_private(env_file, legacy, tmp_path):
+    legacy.order(1, ["GLI"], patient={"sexo": None})        # fails: a failure file is written
+    result = run("monitor_bemsoft.py", "--env-file", str(env_file), "--once")
+    assert result.returncode == 0, result.stderr
+    [failure] = (tmp_path / "failed").glob("*.json")
+    log_file = tmp_path / "logs" / "monitor.log"
+    modes = {path: path.stat().st_mode & 0o777
+             for path in (tmp_path / "failed", failure, tmp_path / "logs", log_file)}
+    assert modes == {tmp_path / "failed": 0o700, failure: 0o600,
+                     tmp_path / "logs": 0o700, log_file: 0o600}
+    log_file.chmod(0o644)                                    # left open by an older version
+    assert run("monitor_bemsoft.py", "--env-file", str(env_file), "--once").returncode == 0
+    assert log_file.stat().st_mode & 0o777 == 0o600
+
+
+def test_icacls_commands_restrict_to_system_administrators_and_the_account(tmp_path):
+    from bemsoft_monitor.app import icacls_commands, private_folders
+    settings = parse_settings({"DATABASE_URL": "sqlite://", "TERCEIROS": LAB,
+                               "BEMSOFT_DRY_RUN": "1", "FAILED_DIR": str(tmp_path / "falhas"),
+                               "LOG_FILE": str(tmp_path / "logs" / "monitor.log")},
+                              base_dir=tmp_path)
+    folders = private_folders(settings)
+    assert folders == [tmp_path / "falhas", tmp_path / "logs"]
+    account = "*S-1-5-21-1004336348-1177238915-682003330-1001"
+    grants = ["*S-1-5-18:(OI)(CI)F", "*S-1-5-32-544:(OI)(CI)F", f"{account}:(OI)(CI)F"]
+    assert icacls_commands(folders, account) == [
+        ["icacls", str(tmp_path / "falhas"), "/inheritance:r", "/grant:r", *grants],
+        ["icacls", str(tmp_path / "logs"), "/inheritance:r", "/grant:r", *grants]]
+    # the service running as LocalSystem: SYSTEM is granted once
+    assert icacls_commands(folders[:1], "*S-1-5-18")[0][4:] == grants[:2]
+
+
+def test_whoami_output_gives_the_account_sid():
+    from bemsoft_monitor.app import parse_whoami_sid
+    assert parse_whoami_sid('"hospital\\lab-ti","S-1-5-21-111-222-333-1001"\r\n') == \
+        "*S-1-5-21-111-222-333-1001"
+    assert parse_whoami_sid('"nt authority\\system","S-1-5-18"\r\n') == "*S-1-5-18"
+    assert parse_whoami_sid("Acesso negado.\r\n") is None
+
+
+def test_log_lines_and_tracebacks_pass_through_the_redaction(tmp_path):
+    import io
+    from bemsoft_monitor.app import setup_logging
+    settings = parse_settings({"DATABASE_URL": "postgresql+psycopg://lis:Db-S3nha@db/lis",
+                               "TERCEIROS": LAB, "BEMSOFT_TOKEN": TOKEN, "LOG_FILE": "-"},
+                              base_dir=tmp_path)
+    stream = io.StringIO()
+    setup_logging(settings, stream=stream, to_file=False)
+    try:
+        raise RuntimeError(f"driver: password=Db-S3nha; Authorization: Bearer {TOKEN}")
+    except RuntimeError:
+        logging.getLogger("bemsoft_monitor.test").exception("falhou com %s", TOKEN)
+    text = stream.getvalue()
+    assert "falhou com ***" in text and "RuntimeError" in text
+    assert TOKEN not in text and "Db-S3nha" not in text
