@@ -55,7 +55,10 @@ def first_value(conn: sa.Connection, statement, params: dict | None = None):
     args = [values[name] for name in compiled.positiontup] if compiled.positional else values
     cursor = conn.connection.cursor()
     try:
-        cursor.execute(compiled.string, args)
+        if args:
+            cursor.execute(compiled.string, args)
+        else:  # no parameters: some drivers run a multi-statement batch only this way
+            cursor.execute(compiled.string)
         while cursor.description is None:
             if not cursor.nextset():
                 return None

@@ -158,11 +158,12 @@ def settings_factory(tmp_path, api):
 class Harness:
     """A real database + the fake API + monitors built exactly as the CLI builds them."""
 
-    def __init__(self, url, api, settings_factory):
+    def __init__(self, url, api, settings_factory, **engine_settings):
+        """engine_settings: settings the shared engine is built with (e.g. DB_QUERY_TIMEOUT)."""
         self.url = url
         self.api = api
         self.settings_factory = settings_factory
-        self.engine = create_db_engine(settings_factory(url))
+        self.engine = create_db_engine(settings_factory(url, **engine_settings))
         self.monitors = []
         self.clock_value = 1000.0
 
@@ -223,31 +224,36 @@ def harness(db_url, api, settings_factory):
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(*args, timeout=60, **kwargs):
+def child_env() -> dict:
+    """The environment of a CLI run by a test: the .env file decides, not the test runner's
+    own BEMSOFT_*/DB_*/DATABASE_* variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BEMSOFT_", "DB_", "DATABASE_"))}
     env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run(*args, timeout=60, **kwargs):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env, **kwargs)
+                          timeout=timeout, env=child_env(), **kwargs)
+
+
+def write_env_file(path: Path, db_url: str, api_url: str, **overrides) -> Path:
+    """A monitor .env for `db_url` and the fake API (overrides: KEY=value)."""
+    values = {"DATABASE_URL": db_url, "TERCEIROS": LAB, "BEMSOFT_BASE_URL": api_url,
+              "BEMSOFT_TOKEN": TOKEN, "BEMSOFT_DRY_RUN": "0", "BEMSOFT_RETRIES": "0",
+              "START_FROM": "0", "POLL_SECONDS": "0.2",
+              "FAILED_DIR": str(path.parent / "failed"),
+              "LOG_FILE": str(path.parent / "logs" / "monitor.log")}
+    values.update({k: str(v) for k, v in overrides.items()})
+    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()), encoding="utf-8")
+    return path
 
 
 @pytest.fixture
 def env_file(tmp_path, api):
     db = tmp_path / "legado.db"
     create_legacy_schema(sa.create_engine(f"sqlite:///{db}"))
-    path = tmp_path / "monitor.env"
-    path.write_text("\n".join([
-        f"DATABASE_URL=sqlite:///{db}",
-        f"TERCEIROS={LAB}",
-        f"BEMSOFT_BASE_URL={api.url}",
-        f"BEMSOFT_TOKEN={TOKEN}",
-        "BEMSOFT_DRY_RUN=0",
-        "BEMSOFT_RETRIES=0",
-        "START_FROM=0",
-        "POLL_SECONDS=0.2",
-        f"FAILED_DIR={tmp_path / 'failed'}",
-        f"LOG_FILE={tmp_path / 'logs' / 'monitor.log'}",
-    ]) + "\n", encoding="utf-8")
-    return path
+    return write_env_file(tmp_path / "monitor.env", f"sqlite:///{db}", api.url)
 
 
 @pytest.fixture

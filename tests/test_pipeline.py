@@ -275,7 +275,7 @@ def test_unwritable_failure_dir_blocks_the_checkpoint(harness, tmp_path):
 def test_late_commit_below_the_checkpoint_is_sent(server_url, api, settings_factory):
     from conftest import Harness
     from bemsoft_monitor.sampledata import add_items, add_order, add_patient
-    h = Harness(server_url, api, settings_factory)
+    h = Harness(server_url, api, settings_factory, DB_QUERY_TIMEOUT=2)
     writer = sa.create_engine(server_url)
     try:
         h.order(1, ["GLI"])
@@ -287,7 +287,7 @@ def test_late_commit_below_the_checkpoint_is_sent(server_url, api, settings_fact
                          terceirizado=harness_lab(), entered_at=dt.datetime(2026, 11, 27, 9, 0))
         fast = h.order(2, ["HEMO"])                  # higher id, committed first
         assert late[0] < fast[0]
-        monitor = h.monitor(DB_QUERY_TIMEOUT=2)
+        monitor = h.monitor()
         try:
             monitor.step()
             assert h.checkpoint() == fast[0]          # the uncommitted row is invisible
