@@ -67,12 +67,15 @@ def mssql_database_url():
         pytest.skip(f"SQL Server não configurado: {MSSQL_HOWTO}")
     name = f"bm_test_{uuid.uuid4().hex[:10]}"
     admin = sa.create_engine(MSSQL_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    problem = None
     try:
         with admin.connect() as conn:
             conn.exec_driver_sql(f"CREATE DATABASE [{name}]")
     except Exception as err:  # asked for and not usable: a failure, not a skip
+        problem = str(err).splitlines()[0]
+    if problem:
         pytest.fail(f"TEST_MSSQL_URL definido, mas não foi possível criar a base de teste: "
-                    f"{str(err).splitlines()[0]}", pytrace=False)
+                    f"{problem}", pytrace=False)
     url = sa.engine.make_url(MSSQL_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     yield url
     with admin.connect() as conn:
