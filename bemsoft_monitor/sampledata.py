@@ -15,52 +15,30 @@ SOLICITACAO = legacy_metadata.tables["solicitacao"]
 PACIENTE = legacy_metadata.tables["paciente"]
 
 
-# The same tables with the T-SQL types a real LIS on SQL Server uses: INT IDENTITY keys,
-# DATETIME, VARCHAR (code page text, accents included) and NVARCHAR, MONEY and TEXT.
-mssql_legacy_metadata = sa.MetaData()
-sa.Table(
-    "ItemSol", mssql_legacy_metadata,
-    sa.Column("CodItemSol", mssql.INTEGER, sa.Identity(start=1, increment=1), primary_key=True),
-    sa.Column("CodSolicitacao", mssql.INTEGER, index=True),
-    sa.Column("DataEntrada", mssql.DATETIME),
-    sa.Column("DescExames", mssql.VARCHAR(255)),
-    sa.Column("CodConvExames", mssql.VARCHAR(50)),
-    sa.Column("NomeTerceirizado", mssql.VARCHAR(100)),
-    sa.Column("Origem", mssql.VARCHAR(50)),
-    sa.Column("Valor", mssql.MONEY),
-    sa.Column("VlTerceirizado", mssql.MONEY),
-    sa.Column("SituacaoResultado", mssql.VARCHAR(30)),
-)
-sa.Table(
-    "solicitacao", mssql_legacy_metadata,
-    sa.Column("codsolicitacao", mssql.INTEGER, primary_key=True, autoincrement=False),
-    sa.Column("codpaciente", mssql.INTEGER),
-    sa.Column("CodConvenio", mssql.INTEGER),
-    sa.Column("dtaentrada", mssql.DATETIME),
-    sa.Column("Hora", mssql.VARCHAR(8)),
-    sa.Column("Valortotal", mssql.MONEY),
-    sa.Column("TipoPgto", mssql.VARCHAR(30)),
-    sa.Column("Obs_Sol", mssql.TEXT),
-)
-sa.Table(
-    "paciente", mssql_legacy_metadata,
-    sa.Column("codpaciente", mssql.INTEGER, primary_key=True, autoincrement=False),
-    sa.Column("nome", mssql.NVARCHAR(200)),
-    sa.Column("cpf", mssql.VARCHAR(20)),
-    sa.Column("datanasc", mssql.DATETIME),
-    sa.Column("sexo", mssql.VARCHAR(20)),
-    sa.Column("fone", mssql.VARCHAR(30)),
-    sa.Column("EmailPac", mssql.VARCHAR(120)),
-    sa.Column("cidade", mssql.NVARCHAR(80)),
-    sa.Column("uf", mssql.CHAR(2)),
-)
+# T-SQL types of a real LIS where SQLAlchemy's generic ones render differently on SQL Server
+# (an Integer primary key already becomes INT IDENTITY, DateTime DATETIME, String VARCHAR).
+TSQL_TYPES = {
+    "Valor": mssql.MONEY(), "VlTerceirizado": mssql.MONEY(), "Valortotal": mssql.MONEY(),
+    "Obs_Sol": mssql.TEXT(), "nome": mssql.NVARCHAR(200), "cidade": mssql.NVARCHAR(80),
+    "uf": mssql.CHAR(2),
+}
+
+
+def mssql_legacy_metadata() -> sa.MetaData:
+    """The legacy tables as a real LIS has them on SQL Server: INT IDENTITY, DATETIME,
+    VARCHAR (code-page text, accents included) and NVARCHAR, MONEY and TEXT."""
+    metadata = sa.MetaData()
+    for table in legacy_metadata.sorted_tables:
+        for column in table.to_metadata(metadata).columns:
+            column.type = TSQL_TYPES.get(column.name, column.type)
+    return metadata
 
 
 def create_legacy_schema(engine: sa.Engine, *, drop: bool = False) -> None:
     """The LIS tables; on SQL Server with the T-SQL types a real LIS uses. Inserts go
     through ITEM_SOL & co. either way (SQLAlchemy wraps an explicit CodItemSol in
     SET IDENTITY_INSERT on SQL Server)."""
-    metadata = mssql_legacy_metadata if engine.dialect.name == "mssql" else legacy_metadata
+    metadata = mssql_legacy_metadata() if engine.dialect.name == "mssql" else legacy_metadata
     if drop:
         metadata.drop_all(engine)
     metadata.create_all(engine)

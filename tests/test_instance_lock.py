@@ -171,9 +171,10 @@ def test_standby_keeps_waiting_through_a_database_outage(pg_url, api, settings_f
 
 
 # ------------------------------------------------------------------ the lock on a server
-def kill_lock_session(engine: sa.Engine) -> None:
+def kill_lock_session(url: str) -> None:
     """End the database session holding the monitor's lock (a restart, a DBA's KILL)."""
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")  # KILL runs outside a transaction
+    with engine.connect() as conn:
         if engine.dialect.name == "mssql":
             spid = conn.execute(sa.text(
                 "SELECT request_session_id FROM sys.dm_tran_locks WHERE resource_type = "
@@ -184,6 +185,7 @@ def kill_lock_session(engine: sa.Engine) -> None:
             conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE "
                                  "locktype = 'advisory' AND objid = :lo AND granted"),
                          {"lo": advisory_key("bemsoft") & 0xFFFFFFFF})
+    engine.dispose()
 
 
 def test_a_lost_lock_stops_sending_before_the_next_page(server_url, api, settings_factory, caplog):
@@ -203,7 +205,7 @@ def test_a_lost_lock_stops_sending_before_the_next_page(server_url, api, setting
         monitor.step()
         assert delivered(api, first)
 
-        kill_lock_session(rival_engine)
+        kill_lock_session(server_url)
         assert wait_until(rival.acquire, 10)        # the other monitor takes the lock
         later = h.order(2, ["TSH"])
         posts = len(api.requests)
