@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     print()
     print(f"Duas instâncias no mesmo banco: {args.solicitations} solicitações x {args.items} itens, "
           f"concorrência {args.concurrency}, latência da API {args.latency} s; a reserva tenta o "
-          "bloqueio a cada 15 s")
+          "bloqueio a cada POLL_SECONDS (entre 1 e 15 s)")
     print(render(rows))
     times = [r["takeover_s"] for r in rows if r["takeover_s"] is not None]
     if times:
