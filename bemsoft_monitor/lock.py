@@ -53,6 +53,7 @@ def first_value(conn: sa.Connection, statement, params: dict | None = None):
     compiled = statement.compile(dialect=conn.dialect)
     values = compiled.construct_params(params or {})
     args = [values[name] for name in compiled.positiontup] if compiled.positional else values
+    driver_error = conn.dialect.loaded_dbapi.Error
     cursor = conn.connection.cursor()
     try:
         if args:
@@ -64,8 +65,14 @@ def first_value(conn: sa.Connection, statement, params: dict | None = None):
                 return None
         row = cursor.fetchone()
         return None if row is None else row[0]
+    except driver_error as err:  # wrapped as SQLAlchemy does: callers catch sa.exc.DBAPIError
+        raise sa.exc.DBAPIError.instance(compiled.string, args, err, driver_error,
+                                         dialect=conn.dialect) from err
     finally:
-        cursor.close()
+        try:
+            cursor.close()
+        except driver_error:  # cleanup only: never hides the outcome above
+            pass
 
 
 def discard(conn: sa.Connection) -> None:

@@ -171,21 +171,20 @@ def test_standby_keeps_waiting_through_a_database_outage(pg_url, api, settings_f
 
 
 # ------------------------------------------------------------------ the lock on a server
-def kill_lock_session(url: str) -> None:
-    """End the database session holding the monitor's lock (a restart, a DBA's KILL)."""
+def kill_lock_session(lock: InstanceLock, url: str) -> None:
+    """End the database session holding `lock` (a restart, a DBA's KILL), from another
+    connection, as a DBA would."""
+    mssql = lock.dialect == "mssql"
+    session = lock._conn.execute(sa.text("SELECT @@SPID" if mssql else "SELECT pg_backend_pid()")).scalar()
     engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")  # KILL runs outside a transaction
-    with engine.connect() as conn:
-        if engine.dialect.name == "mssql":
-            spid = conn.execute(sa.text(
-                "SELECT request_session_id FROM sys.dm_tran_locks WHERE resource_type = "
-                "'APPLICATION' AND request_owner_type = 'SESSION' "
-                "AND resource_database_id = DB_ID()")).scalar()
-            conn.execute(sa.text(f"KILL {int(spid)}"))
-        else:
-            conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE "
-                                 "locktype = 'advisory' AND objid = :lo AND granted"),
-                         {"lo": advisory_key("bemsoft") & 0xFFFFFFFF})
-    engine.dispose()
+    try:
+        with engine.connect() as conn:
+            if mssql:
+                conn.execute(sa.text(f"KILL {int(session)}"))
+            else:
+                conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": session})
+    finally:
+        engine.dispose()
 
 
 def test_a_lost_lock_stops_sending_before_the_next_page(server_url, api, settings_factory, caplog):
@@ -205,7 +204,7 @@ def test_a_lost_lock_stops_sending_before_the_next_page(server_url, api, setting
         monitor.step()
         assert delivered(api, first)
 
-        kill_lock_session(server_url)
+        kill_lock_session(mine, server_url)
         assert wait_until(rival.acquire, 10)        # the other monitor takes the lock
         later = h.order(2, ["TSH"])
         posts = len(api.requests)
@@ -283,6 +282,9 @@ def test_first_value_steps_over_results_without_columns(pg_url):
             assert first_value(conn, sa.text("SET application_name = 'bm'; SELECT -7")) == -7
             assert first_value(conn, sa.text("SELECT :x"), {"x": 3}) == 3
             assert first_value(conn, sa.text("SET application_name = 'bm'")) is None
+        with engine.connect() as conn:  # a driver error surfaces as SQLAlchemy's, like execute()
+            with pytest.raises(sa.exc.ProgrammingError):
+                first_value(conn, sa.text("SELECT no_such_function()"))
     finally:
         engine.dispose()
 
@@ -360,3 +362,25 @@ def test_login_timeout_is_not_a_query_timeout():
                                                    "Server]Login timeout expired (0) (SQLDriverConnect)"))
     assert is_query_timeout(OdbcError("HYT00", "[HYT00] [Microsoft][ODBC Driver 18 for SQL "
                                                "Server]Query timeout expired (0) (SQLExecDirectW)"))
+
+
+def test_once_with_a_blocked_read_exits_3_naming_the_cause(env_file, legacy):
+    """--once against a database held by another transaction: after DB_QUERY_TIMEOUT, exit 3
+    with the pt-BR reason (a long transaction in the LIS), not 'banco indisponível'."""
+    legacy.order(1, ["GLI"])
+    with open(env_file, "a", encoding="utf-8") as fh:
+        fh.write("DB_QUERY_TIMEOUT=1\n")
+    blocker = sa.create_engine(legacy.url)
+    try:
+        with blocker.connect() as conn:
+            conn.exec_driver_sql("BEGIN EXCLUSIVE")
+            result = run("monitor_bemsoft.py", "--env-file", str(env_file), "--once")
+            conn.exec_driver_sql("ROLLBACK")
+    finally:
+        blocker.dispose()
+    assert result.returncode == 3, result.stderr
+    assert "Consulta ao banco cancelada após 1 s (DB_QUERY_TIMEOUT)" in result.stderr
+    assert "transação longa no sistema do laboratório (LIS)" in result.stderr
+    assert OUTAGE not in result.stderr and "Traceback" not in result.stderr
+    assert run("monitor_bemsoft.py", "--env-file", str(env_file), "--once").returncode == 0
+    assert legacy.api.stored_tests() == ["item-1"]
