@@ -85,7 +85,8 @@ def run_monitor(settings: Settings, mode: str, stop_file: str | None = None,
     from .app import build_monitor, install_signal_handlers, watch_stop_file
     from sqlalchemy.exc import DBAPIError
 
-    from .db import DatabaseUnavailable, connect_check, describe_connect_error
+    from .db import (DatabaseUnavailable, connect_check, describe_connect_error,
+                     describe_query_timeout, is_query_timeout)
     from .lock import InstanceLock
     from .monitor import StartError
     from .status import StatusBoard
@@ -109,7 +110,7 @@ def run_monitor(settings: Settings, mode: str, stop_file: str | None = None,
                 return 2
         if not settings.dry_run:  # DRY_RUN writes nothing and sends nothing: no lock needed
             lock = InstanceLock(monitor.source.engine, settings.monitor_name)
-            if not wait_for_lock(lock, mode, shutdown, status=board):
+            if not wait_for_lock(lock, mode, shutdown, standby_retry(settings), status=board):
                 return 0 if shutdown.is_set() else 4
             monitor.lock = lock
         monitor.start()
@@ -122,7 +123,10 @@ def run_monitor(settings: Settings, mode: str, stop_file: str | None = None,
         log.error("%s", err)
         return 3
     except DBAPIError as err:  # --once: the database failed mid-cycle; nothing was lost
-        log.error("Banco de dados falhou durante o ciclo: %s", describe_connect_error(err, settings))
+        if is_query_timeout(err):
+            log.error("%s", describe_query_timeout(settings))
+        else:
+            log.error("Banco de dados falhou durante o ciclo: %s", describe_connect_error(err, settings))
         return 3
     except (ConfigError, StartError) as err:
         log.error("%s", err)
@@ -162,23 +166,48 @@ def _start_metrics(monitor, settings: Settings, board, env_file: str | None):
 
 def wait_for_lock(lock, mode: str, shutdown: threading.Event, retry_every: float = 15.0,
                   status=None) -> bool:
-    """Single instance: --once/--drain exit at once; the loop waits as a standby."""
-    if lock.acquire():
-        return True
+    """Single instance: --once/--drain exit at once (an error trying propagates); the loop
+    waits as a standby, and an error while waiting (database down, lock file unreadable)
+    is logged and waited out, never the end of the process."""
+    from .lock import first_line
     if mode != "loop":
+        if lock.acquire():
+            return True
         log.error("Outro monitor '%s' já está ativo neste banco (%s); nada foi feito. "
                   "Pare o outro ou use outro MONITOR_NAME.", lock.name, lock.describe())
         return False
-    log.warning("Outro monitor '%s' já está ativo neste banco (%s). Este fica em espera e "
-                "assume quando o outro parar (nova tentativa a cada %.0f s).",
-                lock.name, lock.describe(), retry_every)
-    if status is not None:
-        status.standby()
-    while not shutdown.wait(retry_every):
-        if lock.acquire():
-            log.info("Bloqueio obtido: este monitor assume o envio.")
-            return True
-    return False
+    standby = failing = False
+    while True:
+        try:
+            if lock.acquire():
+                if standby or failing:
+                    log.info("Bloqueio obtido: este monitor assume o envio.")
+                return True
+            if failing:
+                log.info("Banco acessível de novo; o bloqueio continua com o outro monitor.")
+                failing = False
+            if not standby:
+                log.warning("Outro monitor '%s' já está ativo neste banco (%s). Este fica em "
+                            "espera e assume quando o outro parar (nova tentativa a cada %.0f s).",
+                            lock.name, lock.describe(), retry_every)
+                standby = True
+                if status is not None:
+                    status.standby()
+        except Exception as err:  # the standby outlives any outage: log it once, keep waiting
+            log.debug("Falha ao tentar obter o bloqueio", exc_info=True)
+            if not failing:
+                log.warning("Não foi possível verificar o bloqueio de instância (%s): %s. Este "
+                            "monitor continua em espera e tenta de novo a cada %.0f s.",
+                            lock.describe(), first_line(err), retry_every)
+                failing = True
+        if shutdown.wait(retry_every):
+            return False
+
+
+def standby_retry(settings: Settings) -> float:
+    """How often a standby monitor tries the lock: the polling interval, between 1 and 15 s
+    (one trivial query each time)."""
+    return min(15.0, max(1.0, settings.poll_seconds))
 
 
 def _print_payload(payload: dict, key: str) -> None:

@@ -35,7 +35,7 @@ _FALSE = {"0", "false", "no", "nao", "não", "n", "off"}
 # Every key the monitor understands; anything else in the process environment is ignored.
 KNOWN_KEYS = (
     "DATABASE_URL", "DB_SERVER", "DB_NAME", "DB_USER", "DB_PASS", "ODBC_DRIVER",
-    "DB_ENCRYPT", "DB_TRUST_CERT", "DB_LOGIN_TIMEOUT",
+    "DB_ENCRYPT", "DB_TRUST_CERT", "DB_LOGIN_TIMEOUT", "DB_QUERY_TIMEOUT",
     "POLL_SECONDS", "DEBOUNCE_SECONDS", "TERCEIROS", "TERCEIRO", "FAILED_DIR",
     "BEMSOFT_BASE_URL", "BEMSOFT_ENDPOINT", "BEMSOFT_TOKEN", "BEMSOFT_TIMEOUT",
     "BEMSOFT_RETRIES", "BEMSOFT_BACKOFF", "BEMSOFT_MAX_BACKOFF", "BEMSOFT_VERIFY",
@@ -85,6 +85,7 @@ class Settings:
     db_encrypt: bool = True
     db_trust_cert: bool = False
     db_login_timeout: int = 15
+    db_query_timeout: int = 60  # seconds any one statement may take (blocked reads included)
     # reading
     terceiros: tuple[str, ...] = ()
     poll_seconds: float = 5.0
@@ -471,6 +472,7 @@ def parse_settings(values: Mapping[str, str | None], base_dir: Path = PROJECT_DI
         db_encrypt=r.bool("DB_ENCRYPT", True),
         db_trust_cert=r.bool("DB_TRUST_CERT", False),
         db_login_timeout=int(r.number("DB_LOGIN_TIMEOUT", 15, minimum=1, maximum=300, integer=True)),
+        db_query_timeout=int(r.number("DB_QUERY_TIMEOUT", 60, minimum=1, maximum=3600, integer=True)),
         terceiros=terceiros,
         poll_seconds=r.number("POLL_SECONDS", 5.0, minimum=0.1, maximum=3600),
         debounce_seconds=r.number("DEBOUNCE_SECONDS", 0.0, maximum=86400),

@@ -128,17 +128,23 @@ def _create_url_engine(settings: Settings) -> Engine:
                                           "(ex.: postgresql+psycopg://usuario@host/base)") from None
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     backend = url.get_backend_name()
+    pyodbc_engine = backend == "mssql" and url.get_driver_name() == "pyodbc"
     if backend == "sqlite":
-        kwargs["connect_args"] = {"check_same_thread": False}
+        # `timeout`: how long a statement waits for another connection's lock (busy timeout)
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": settings.db_query_timeout}
         if _is_sqlite_memory(url):
             # One shared connection, or every pool checkout would see an empty database.
             kwargs["poolclass"] = StaticPool
     elif backend == "postgresql" and url.get_driver_name() in ("psycopg", "psycopg2"):
-        kwargs["connect_args"] = {"connect_timeout": settings.db_login_timeout}
-    elif backend == "mssql" and url.get_driver_name() == "pyodbc":
+        # statement_timeout bounds every statement (DB_QUERY_TIMEOUT), waits for locks included
+        options = f"-c statement_timeout={settings.db_query_timeout * 1000}"
+        if url.query.get("options"):
+            options = f"{url.query['options']} {options}"
+        kwargs["connect_args"] = {"connect_timeout": settings.db_login_timeout, "options": options}
+    elif pyodbc_engine:
         kwargs["fast_executemany"] = True
     try:
-        return create_engine(url, **kwargs)
+        engine = create_engine(url, **kwargs)
     except NoSuchModuleError:
         raise ConfigError("DATABASE_URL", f"usa um tipo de banco desconhecido: "
                                           f"{url.drivername!r} (ex.: sqlite:///arquivo.db, "
@@ -147,6 +153,9 @@ def _create_url_engine(settings: Settings) -> Engine:
         raise DatabaseUnavailable(
             f"Não foi possível usar DATABASE_URL ({url.drivername}): o pacote Python do "
             f"driver não está instalado ({err.name or err}). Instale-o com pip.") from err
+    if pyodbc_engine:
+        _bound_odbc_statements(engine, settings.db_query_timeout)
+    return engine
 
 
 def _is_sqlite_memory(url: URL) -> bool:
@@ -171,6 +180,7 @@ def _create_mssql_engine(settings: Settings) -> Engine:
         fast_executemany=True,
         connect_args={"attrs_before": {SQL_ATTR_LOGIN_TIMEOUT: int(settings.db_login_timeout)}},
     )
+    _bound_odbc_statements(engine, settings.db_query_timeout)
     if settings.db_user:
         password_part = f"PWD={odbc_escape(settings.db_pass)}"
 
@@ -179,6 +189,17 @@ def _create_mssql_engine(settings: Settings) -> Engine:
             cargs[0] = f"{cargs[0]};{password_part}"
 
     return engine
+
+
+def _bound_odbc_statements(engine: Engine, seconds: int) -> None:
+    """DB_QUERY_TIMEOUT on SQL Server: pyodbc's `Connection.timeout` (the ODBC statement
+    attribute SQL_ATTR_QUERY_TIMEOUT of every cursor of the connection). A statement that
+    waits longer, e.g. a READ COMMITTED read queued behind a writer's open transaction, is
+    cancelled by the driver with SQLSTATE HYT00 (see is_query_timeout)."""
+
+    @event.listens_for(engine, "connect")
+    def _set_query_timeout(dbapi_conn, conn_rec):
+        dbapi_conn.timeout = seconds
 
 
 def _pyodbc_import_message(err: ImportError) -> str:
@@ -358,6 +379,36 @@ def describe_connect_error(err: BaseException, settings: Settings) -> str:
                 "DATABASE_URL e as permissões da pasta.")
 
     return f"{where}: {detail or type(root).__name__}"
+
+
+def is_query_timeout(err: BaseException) -> bool:
+    """True when a statement was cancelled because it ran longer than DB_QUERY_TIMEOUT,
+    typically waiting for locks held by another transaction: not an outage.
+
+    ODBC: SQLSTATE HYT00 "Query timeout expired" (HYT00 is also the *login* timeout, which
+    is a connection problem); PostgreSQL: 57014 from statement_timeout (57014 also covers a
+    cancel by an operator, which is no timeout); SQLite: "database is locked" after the
+    busy timeout."""
+    root = _root_error(err)
+    text = _error_text(root).lower()
+    state = getattr(root, "sqlstate", None) or getattr(root, "pgcode", None)
+    args = getattr(root, "args", ())
+    if not state and args and isinstance(args[0], str) and re.fullmatch(r"[0-9A-Z]{5}", args[0]):
+        state = args[0]
+    if state == "HYT00":
+        return "login" not in text
+    if state == "57014":
+        return "statement timeout" in text
+    return "database is locked" in text or "query timeout expired" in text
+
+
+def describe_query_timeout(settings: Settings) -> str:
+    """The pt-BR line for a statement cancelled by DB_QUERY_TIMEOUT."""
+    return (f"Consulta ao banco cancelada após {settings.db_query_timeout} s (DB_QUERY_TIMEOUT): "
+            "provavelmente uma transação longa no sistema do laboratório (LIS) está segurando "
+            "bloqueios em ItemSol/solicitacao/paciente. Nada foi pulado: a leitura é repetida "
+            "no próximo ciclo. Se acontecer sempre, procure a transação aberta no SQL Server "
+            "(sp_who2, coluna BlkBy) ou aumente DB_QUERY_TIMEOUT.")
 
 
 def connect_check(engine: Engine, settings: Settings) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -17,8 +16,6 @@ import sqlalchemy as sa
 from .config import PROJECT_DIR
 
 log = logging.getLogger(__name__)
-
-VERIFY_EVERY = 30.0
 
 
 def lock_resource(name: str) -> str:
@@ -31,6 +28,9 @@ def advisory_key(name: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+# sp_getapplock returns 0 (granted) or 1 (granted after waiting); any negative value
+# (-1 timeout, -2 cancelled, -3 deadlock victim, -999 parameter or other error) means "not
+# granted". Valid T-SQL from SQL Server 2005 on.
 MSSQL_GETAPPLOCK = sa.text(
     "SET NOCOUNT ON; DECLARE @r int; "
     "EXEC @r = sp_getapplock @Resource = :resource, @LockMode = 'Exclusive', "
@@ -40,6 +40,58 @@ MSSQL_RELEASE = sa.text(
     "EXEC @r = sp_releaseapplock @Resource = :resource, @LockOwner = 'Session'; SELECT @r")
 PG_TRY_LOCK = sa.text("SELECT pg_try_advisory_lock(:key)")
 PG_UNLOCK = sa.text("SELECT pg_advisory_unlock(:key)")
+PING = sa.text("SELECT 1")
+
+
+def first_value(conn: sa.Connection, statement, params: dict | None = None):
+    """The first column of the first row of the first result that has columns, or None.
+
+    A T-SQL batch may yield results without columns before its SELECT (a row count, a
+    message): reading those is pyodbc's "No results. Previous SQL was not a query". They
+    are stepped over with the DBAPI cursor's nextset(), which SQLAlchemy's result does not
+    offer."""
+    compiled = statement.compile(dialect=conn.dialect)
+    values = compiled.construct_params(params or {})
+    args = [values[name] for name in compiled.positiontup] if compiled.positional else values
+    driver_error = conn.dialect.loaded_dbapi.Error
+    cursor = conn.connection.cursor()
+    try:
+        if args:
+            cursor.execute(compiled.string, args)
+        else:  # no parameters: some drivers run a multi-statement batch only this way
+            cursor.execute(compiled.string)
+        while cursor.description is None:
+            if not cursor.nextset():
+                return None
+        row = cursor.fetchone()
+        return None if row is None else row[0]
+    except driver_error as err:  # wrapped as SQLAlchemy does: callers catch sa.exc.DBAPIError
+        raise sa.exc.DBAPIError.instance(compiled.string, args, err, driver_error,
+                                         dialect=conn.dialect) from err
+    finally:
+        try:
+            cursor.close()
+        except driver_error:  # cleanup only: never hides the outcome above
+            pass
+
+
+def discard(conn: sa.Connection) -> None:
+    """Close a lock connection for good: its database session ends, which frees whatever
+    lock it still holds. It is invalidated rather than returned to the pool, so SQLAlchemy
+    never resets its isolation level on check-in (that reset fails when SQLAlchemy could
+    not learn the server's default level). A failure here is logged, never raised: it must
+    not hide the error that led to the cleanup."""
+    try:
+        conn.invalidate()
+        conn.close()
+    except Exception as err:  # cleanup only: the caller's own outcome or error prevails
+        log.warning("Não foi possível fechar a conexão do bloqueio de instância (%s); ignorado.",
+                    first_line(err))
+
+
+def first_line(err: BaseException) -> str:
+    text = str(getattr(err, "orig", None) or err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
 
 
 def try_lock_file(handle) -> bool:
@@ -59,14 +111,12 @@ def try_lock_file(handle) -> bool:
 
 
 class InstanceLock:
-    def __init__(self, engine: sa.Engine, name: str, *, clock=time.monotonic):
+    def __init__(self, engine: sa.Engine, name: str):
         self.engine = engine
         self.name = name
-        self.clock = clock
         self.dialect = engine.dialect.name
         self._conn: sa.Connection | None = None
         self._file = None
-        self._checked_at = 0.0
         self.held = False
 
     def describe(self) -> str:
@@ -91,25 +141,27 @@ class InstanceLock:
             self.held = self._acquire_db()
         else:
             self.held = self._acquire_file()
-        self._checked_at = self.clock()
         return self.held
 
     def _acquire_db(self) -> bool:
         self._close_conn()
-        conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        conn = self.engine.connect()
         try:
+            # explicit isolation level: every statement of the lock connection commits on
+            # its own, so no transaction stays open for the life of the process
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
             if self.dialect == "mssql":
-                got = conn.execute(MSSQL_GETAPPLOCK, {"resource": lock_resource(self.name)}).scalar()
-                ok = got is not None and int(got) >= 0
+                status = first_value(conn, MSSQL_GETAPPLOCK, {"resource": lock_resource(self.name)})
+                ok = status is not None and int(status) >= 0
             else:
                 ok = bool(conn.execute(PG_TRY_LOCK, {"key": advisory_key(self.name)}).scalar())
-        except Exception:
-            conn.close()
+        except BaseException:
+            discard(conn)  # never raises: the original error is the one that propagates
             raise
         if ok:
             self._conn = conn
         else:
-            conn.close()
+            discard(conn)
         return ok
 
     def _acquire_file(self) -> bool:
@@ -127,35 +179,34 @@ class InstanceLock:
         return True
 
     def verify(self) -> bool:
-        """Still ours? Checked at most every VERIFY_EVERY seconds; a lock connection that
-        died (database restart) is re-acquired if nobody else took it meanwhile."""
+        """Still ours? Called before each page is dispatched: one trivial query on the lock's
+        own connection (the lock lives as long as its session). A lock connection that died
+        (database restart, a DBA's KILL) is re-acquired if nobody else took it meanwhile.
+        False: another monitor holds it. An error while re-acquiring (the database is still
+        down) propagates, so the loop reports the outage and tries again."""
         if not self.held:
             return self.acquire()
-        if self._conn is None or self.clock() - self._checked_at < VERIFY_EVERY:
-            return True
-        self._checked_at = self.clock()
+        if self._conn is None:
+            return True  # file lock: held while its descriptor is open
         try:
-            self._conn.execute(sa.text("SELECT 1")).scalar()
+            self._conn.execute(PING).scalar()
             return True
-        except Exception as err:
+        except Exception as err:  # the session is gone; so is its lock
             log.warning("Conexão do bloqueio de instância perdida (%s); tentando retomá-lo.",
-                        str(err).splitlines()[0][:200])
-            self.held = False
-            self._close_conn()
-            try:
-                return self.acquire()
-            except Exception:
-                return False
+                        first_line(err))
+        self.held = False
+        self._close_conn()
+        return self.acquire()
 
     def release(self) -> None:
         if self._conn is not None and self.held:
             try:
                 if self.dialect == "mssql":
-                    self._conn.execute(MSSQL_RELEASE, {"resource": lock_resource(self.name)})
+                    first_value(self._conn, MSSQL_RELEASE, {"resource": lock_resource(self.name)})
                 else:
                     self._conn.execute(PG_UNLOCK, {"key": advisory_key(self.name)})
-            except Exception:  # the session is ending anyway; closing it frees the lock
-                pass
+            except Exception as err:  # the session ends below, which frees the lock anyway
+                log.debug("Liberação explícita do bloqueio falhou (%s).", first_line(err))
         self._close_conn()
         if self._file is not None:
             self._file.close()  # closing the descriptor releases flock / msvcrt locks
@@ -164,8 +215,5 @@ class InstanceLock:
 
     def _close_conn(self) -> None:
         if self._conn is not None:
-            try:
-                self._conn.close()
-            except Exception:
-                pass
-            self._conn = None
+            conn, self._conn = self._conn, None
+            discard(conn)

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from .catalog import CatalogUnavailable
 from .client import DUPLICATE, PERMANENT, TRANSIENT, BemsoftClient, Delivery
 from .config import Settings
+from .db import describe_query_timeout, is_query_timeout
 from .failures import FailureRecord, FailureStore, FailureWriteError
 from .metrics import LatencyHistogram
 from .payload import TransformError, build_payload, idempotency_key, make_event
@@ -596,6 +597,10 @@ class Monitor:
             except sa.exc.DBAPIError as err:
                 if mode == "once":
                     raise
+                if is_query_timeout(err):  # blocked behind a LIS transaction: not an outage
+                    log.warning("%s", describe_query_timeout(self.settings))
+                    self.gate.sleep(self.settings.poll_seconds)
+                    continue
                 if not self._db_down:
                     log.error("Banco de dados indisponível (%s). Tentando reconectar; nada é "
                               "enviado nem perdido enquanto isso.", _short(err))

@@ -2,7 +2,7 @@
 """Duas instâncias do monitor no mesmo banco, iniciadas no mesmo instante (modo laço).
 
 Esperado: só uma envia; a outra registra "Outro monitor 'bemsoft' já está ativo" e espera
-(nova tentativa a cada 15 s); um terceiro monitor com --drain sai na hora com código 4;
+(nova tentativa a cada POLL_SECONDS, entre 1 e 15 s); um terceiro monitor com --drain sai na hora com código 4;
 quando a primeira morre com kill -9, a segunda assume e termina a fila; cada item guardado
 pela API exatamente uma vez (os envios em andamento da primeira são reenviados pela segunda
 com a mesma chave -> 409), checkpoint == último item, nenhum arquivo de falha.
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     print()
     print(f"Duas instâncias no mesmo banco: {args.solicitations} solicitações x {args.items} itens, "
           f"concorrência {args.concurrency}, latência da API {args.latency} s; a reserva tenta o "
-          "bloqueio a cada 15 s")
+          "bloqueio a cada POLL_SECONDS (entre 1 e 15 s)")
     print(render(rows))
     times = [r["takeover_s"] for r in rows if r["takeover_s"] is not None]
     if times:

@@ -3,6 +3,8 @@ project's fake Bemsoft API on 127.0.0.1, and settings/monitor factories."""
 from __future__ import annotations
 
 import datetime as dt
+import os
+import uuid
 import subprocess
 import sys
 import threading
@@ -12,13 +14,22 @@ import sqlalchemy as sa
 
 from bemsoft_monitor.app import build_monitor
 from bemsoft_monitor.config import PROJECT_DIR, parse_settings
-from bemsoft_monitor.db import create_db_engine
+from bemsoft_monitor.db import create_db_engine, monitor_schema_map
 from bemsoft_monitor.schema import legacy_metadata, monitor_metadata
 from bemsoft_monitor.testing.fakeapi import FakeBemsoft
-from bemsoft_monitor.testing.harness import (IN_CI, LAB, TOKEN, PgDatabase, PostgresUnavailable,
-                                             env_values, pg_problem, read_checkpoint,
-                                             subprocess_env, write_env)
+from bemsoft_monitor.testing.harness import (IN_CI, LAB, PG_ADMIN_URL, TOKEN, PgDatabase,
+                                             PostgresUnavailable, env_values, pg_problem,
+                                             read_checkpoint, subprocess_env, write_env)
 from bemsoft_monitor.testing.sampledata import add_items, add_order, add_patient, create_legacy_schema
+
+# SQL Server: an `mssql+pyodbc` URL of a login allowed to CREATE DATABASE; each test session
+# works in a throw-away database of its own, dropped at the end.
+MSSQL_ADMIN_URL = os.environ.get("TEST_MSSQL_URL", "").strip()
+MSSQL_HOWTO = ("defina TEST_MSSQL_URL=mssql+pyodbc://usuario:senha@host:1433/master"
+               "?driver=ODBC+Driver+18+for+SQL+Server&TrustServerCertificate=yes")
+if MSSQL_ADMIN_URL:
+    import odbc_support
+    odbc_support.prepare()  # unixODBC reads ODBCSYSINI once: before the first ODBC call
 
 
 def pg_unavailable(reason: str):
@@ -48,31 +59,73 @@ def pg_database_url():
     database.drop()
 
 
+@pytest.fixture(scope="session")
+def mssql_database_url():
+    """A throw-away SQL Server database for this test session (TEST_MSSQL_URL)."""
+    if not MSSQL_ADMIN_URL:
+        pytest.skip(f"SQL Server não configurado: {MSSQL_HOWTO}")
+    name = f"bm_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(MSSQL_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    problem = None
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE [{name}]")
+    except Exception as err:  # asked for and not usable: a failure, not a skip
+        problem = str(err).splitlines()[0]
+    if problem:
+        pytest.fail(f"TEST_MSSQL_URL definido, mas não foi possível criar a base de teste: "
+                    f"{problem}", pytrace=False)
+    url = sa.engine.make_url(MSSQL_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    yield url
+    with admin.connect() as conn:
+        try:  # drop the connections a test left open (SQL Server; other T-SQL engines may refuse)
+            conn.exec_driver_sql(f"ALTER DATABASE [{name}] SET SINGLE_USER WITH ROLLBACK IMMEDIATE")
+        except sa.exc.DBAPIError:
+            pass
+        conn.exec_driver_sql(f"DROP DATABASE [{name}]")
+    admin.dispose()
+
+
 def _fresh_schema(engine: sa.Engine) -> None:
     monitor_metadata.drop_all(engine.execution_options(
-        schema_translate_map={"monitor_schema": None}))
+        schema_translate_map=monitor_schema_map(engine.dialect.name)))
     legacy_metadata.drop_all(engine)
     create_legacy_schema(engine)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'legado.db'}"
+POSTGRESQL = pytest.param("postgresql", marks=pytest.mark.postgres)
+MSSQL = pytest.param("mssql", marks=pytest.mark.mssql)
+SESSION_DATABASES = {"postgresql": "pg_database_url", "mssql": "mssql_database_url"}
+
+
+def fresh_database(request, kind: str) -> str:
+    """The URL of an empty legacy schema: a SQLite file, or the session's PostgreSQL / SQL
+    Server database with its tables created anew."""
+    if kind == "sqlite":
+        url = f"sqlite:///{request.getfixturevalue('tmp_path') / 'legado.db'}"
     else:
-        url = request.getfixturevalue("pg_database_url")
+        url = request.getfixturevalue(SESSION_DATABASES[kind])
     engine = sa.create_engine(url)
     _fresh_schema(engine)
     engine.dispose()
     return url
 
 
+@pytest.fixture(params=["sqlite", POSTGRESQL, MSSQL])
+def db_url(request):
+    return fresh_database(request, request.param)
+
+
+@pytest.fixture(params=[POSTGRESQL, MSSQL])
+def server_url(request):
+    """A database server (locks, sessions, concurrent transactions): PostgreSQL and, when
+    TEST_MSSQL_URL is set, SQL Server."""
+    return fresh_database(request, request.param)
+
+
 @pytest.fixture
-def pg_url(pg_database_url):
-    engine = sa.create_engine(pg_database_url)
-    _fresh_schema(engine)
-    engine.dispose()
-    return pg_database_url
+def pg_url(request):
+    return fresh_database(request, "postgresql")
 
 
 @pytest.fixture
@@ -99,11 +152,12 @@ def settings_factory(tmp_path, api):
 class Harness:
     """A real database + the fake API + monitors built exactly as the CLI builds them."""
 
-    def __init__(self, url, api, settings_factory):
+    def __init__(self, url, api, settings_factory, **engine_settings):
+        """engine_settings: settings the shared engine is built with (e.g. DB_QUERY_TIMEOUT)."""
         self.url = url
         self.api = api
         self.settings_factory = settings_factory
-        self.engine = create_db_engine(settings_factory(url))
+        self.engine = create_db_engine(settings_factory(url, **engine_settings))
         self.monitors = []
         self.clock_value = 1000.0
 

@@ -59,7 +59,8 @@ def assert_one_line_naming(err: ConfigError, key: str) -> None:
     ("BATCH_SIZE", "5000"), ("BATCH_SIZE", "0"), ("BATCH_SIZE", "abc"), ("BATCH_SIZE", "1.5"),
     ("LOOKBACK_ITEMS", "-1"), ("DEBOUNCE_SECONDS", "-1"), ("BEMSOFT_TIMEOUT", "0"),
     ("BEMSOFT_MAX_ATTEMPTS", "0"), ("BEMSOFT_CONCURRENCY", "0"), ("BEMSOFT_RETRIES", "três"),
-    ("DB_LOGIN_TIMEOUT", "0"), ("HEALTH_MAX_AGE", "0"), ("BEMSOFT_TESTS_TTL", "0"),
+    ("DB_LOGIN_TIMEOUT", "0"), ("DB_QUERY_TIMEOUT", "0"), ("DB_QUERY_TIMEOUT", "1m"),
+    ("DB_QUERY_TIMEOUT", "4000"), ("HEALTH_MAX_AGE", "0"), ("BEMSOFT_TESTS_TTL", "0"),
     ("METRICS_PORT", "70000"), ("METRICS_PORT", "porta"), ("METRICS_PORT", "0"),
     ("LOG_LEVEL", "VERBOSE"), ("MONITOR_NAME", "m" * 91),
     ("DATABASE_URL", "banco_legado"),
@@ -136,6 +137,8 @@ def test_minimal_settings_and_defaults():
     assert settings.physician is None
     assert settings.test_map == {}
     assert settings.requests_url == "https://bemsoft.ws.wiselab.com.br/requests"
+    assert settings.db_query_timeout == 60
+    assert parse(DB_QUERY_TIMEOUT="5").db_query_timeout == 5
 
 
 def test_terceiro_single_name_still_works():

@@ -372,3 +372,33 @@ def test_real_driver_windows_authentication_is_explained(odbc_driver):
     assert "autenticação integrada do Windows (DB_USER vazio)" in message
     assert "DB_USER e DB_PASS" in message
     assert_one_clean_line(message)
+
+
+# --------------------------------------------------------------------------- DB_QUERY_TIMEOUT
+
+def test_query_timeout_is_set_on_every_sql_server_connection(odbc_driver):
+    """pyodbc's Connection.timeout (SQL_ATTR_QUERY_TIMEOUT of its cursors) is set when each
+    connection opens, for DB_* settings and for an mssql+pyodbc DATABASE_URL alike."""
+    class DbapiConnection:  # stands in for the pyodbc connection handed to the listener
+        timeout = 0
+    for settings in (mssql_settings(db_query_timeout=7),
+                     Settings(database_url="mssql+pyodbc://u:p@h/lis?driver=ODBC+Driver+18+for+SQL+Server",
+                              db_query_timeout=7)):
+        engine = create_db_engine(settings)
+        raw = DbapiConnection()
+        ours = [f for f in engine.pool.dispatch.connect if f.__name__ == "_set_query_timeout"]
+        assert len(ours) == 1
+        ours[0](raw, None)
+        assert raw.timeout == 7
+
+
+@pytest.mark.postgres
+def test_postgres_statement_timeout_comes_from_db_query_timeout(pg_url):
+    engine = create_db_engine(Settings(database_url=pg_url + "?options=-capplication_name%3Dbm",
+                                       db_query_timeout=5))
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SHOW statement_timeout")).scalar() == "5s"
+            assert conn.execute(text("SHOW application_name")).scalar() == "bm"  # URL options kept
+    finally:
+        engine.dispose()

@@ -2,7 +2,13 @@
 what the CLIs and CI really do."""
 from __future__ import annotations
 
+import os
 import re
+import shlex
+import subprocess
+import sys
+
+import sqlalchemy as sa
 
 from bemsoft_monitor.cli import build_parser as monitor_parser
 from bemsoft_monitor.config import KNOWN_KEYS
@@ -54,3 +60,23 @@ def test_seed_retry_examples_parse():
     for line in README.splitlines():
         if line.startswith("python retry_failed.py"):
             parser.parse_args(line.split()[2:])
+
+
+def test_sql_server_test_command_selects_the_mssql_tests_and_says_how_to_enable_them():
+    """The README's SQL Server command: an mssql+pyodbc URL with ODBC Driver 18 and pytest
+    with the `mssql` marker. Run here without TEST_MSSQL_URL (no SQL Server in CI), the
+    selected tests are skipped with a reason that says how to enable them."""
+    line = next(l for block in code_blocks(README) for l in block.splitlines()
+                if l.startswith("TEST_MSSQL_URL="))
+    assignment, *command = shlex.split(line)
+    url = sa.engine.make_url(assignment.split("=", 1)[1])
+    assert url.drivername == "mssql+pyodbc"
+    assert url.query["driver"] == "ODBC Driver 18 for SQL Server"
+    assert command[:3] == ["python", "-m", "pytest"] and command[-2:] == ["-m", "mssql"]
+    env = {k: v for k, v in os.environ.items() if k != "TEST_MSSQL_URL"}
+    result = subprocess.run([sys.executable, *command[1:], "-p", "no:cacheprovider", "-rs",
+                             "tests/test_instance_lock.py"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert re.search(r"\b[1-9]\d* skipped\b", result.stdout) and " passed" not in result.stdout
+    assert "defina TEST_MSSQL_URL=mssql+pyodbc://" in result.stdout

@@ -126,3 +126,41 @@ def test_an_idle_cycle_costs_one_query(harness):
         sa.event.remove(harness.engine, "before_cursor_execute", count)
     assert len(statements) == 2, statements
     assert all('FROM "ItemSol"' in s and "LIMIT" in s for s in statements)
+
+
+def test_no_statement_uses_merge(statements):
+    """SQL Server 2012+ and no MERGE: update-then-insert, as the checkpoint does."""
+    for name, statement in statements.items():
+        assert "MERGE" not in tsql(statement).upper(), name
+
+
+def test_legacy_tables_for_sql_server_use_the_types_of_a_real_lis():
+    """The tests create the LIS tables on SQL Server with T-SQL types (create_legacy_schema
+    picks them when the dialect is mssql)."""
+    from sqlalchemy.schema import CreateTable
+    from bemsoft_monitor.testing.sampledata import mssql_legacy_metadata
+    ddl = {t.name: re.sub(r"\s+", " ", str(CreateTable(t).compile(dialect=mssql.dialect())))
+           for t in mssql_legacy_metadata().sorted_tables}
+    item = ddl["ItemSol"]
+    assert "[CodItemSol] INTEGER NOT NULL IDENTITY" in item and "PRIMARY KEY ([CodItemSol])" in item
+    assert "[DataEntrada] DATETIME NULL" in item and "[DescExames] VARCHAR(255)" in item
+    assert "[Valor] MONEY NULL" in item
+    assert "nome NVARCHAR(200)" in ddl["paciente"] and "datanasc DATETIME" in ddl["paciente"]
+    assert "[Obs_Sol] TEXT NULL" in ddl["solicitacao"] and "[Valortotal] MONEY" in ddl["solicitacao"]
+    assert "codsolicitacao INTEGER NOT NULL" in ddl["solicitacao"]
+    assert "IDENTITY" not in ddl["solicitacao"] + ddl["paciente"]  # keys the LIS gives itself
+
+
+def test_applock_batch_as_pyodbc_receives_it():
+    """sp_getapplock in one batch: NOCOUNT first (no row-count results before `SELECT @r`),
+    one positional parameter, session owner, no wait."""
+    from bemsoft_monitor.lock import MSSQL_GETAPPLOCK, MSSQL_RELEASE
+    # the dialect of a real mssql+pyodbc engine (pyodbc's paramstyle); nothing is connected
+    dialect = sa.create_engine("mssql+pyodbc://u:p@h/lis?driver=ODBC+Driver+18+for+SQL+Server").dialect
+    for statement in (MSSQL_GETAPPLOCK, MSSQL_RELEASE):
+        compiled = statement.compile(dialect=dialect)
+        assert compiled.string.startswith("SET NOCOUNT ON; DECLARE @r int; EXEC @r = sp_")
+        assert compiled.string.endswith("; SELECT @r")
+        assert "@Resource = ?" in compiled.string and compiled.positiontup == ["resource"]
+        assert "@LockOwner = 'Session'" in compiled.string
+    assert "@LockTimeout = 0" in str(MSSQL_GETAPPLOCK)

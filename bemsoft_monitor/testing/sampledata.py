@@ -6,6 +6,7 @@ import datetime as dt
 from typing import Iterable, Sequence
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mssql
 
 from ..schema import legacy_metadata
 
@@ -14,10 +15,33 @@ SOLICITACAO = legacy_metadata.tables["solicitacao"]
 PACIENTE = legacy_metadata.tables["paciente"]
 
 
+# T-SQL types of a real LIS where SQLAlchemy's generic ones render differently on SQL Server
+# (an Integer primary key already becomes INT IDENTITY, DateTime DATETIME, String VARCHAR).
+TSQL_TYPES = {
+    "Valor": mssql.MONEY(), "VlTerceirizado": mssql.MONEY(), "Valortotal": mssql.MONEY(),
+    "Obs_Sol": mssql.TEXT(), "nome": mssql.NVARCHAR(200), "cidade": mssql.NVARCHAR(80),
+    "uf": mssql.CHAR(2),
+}
+
+
+def mssql_legacy_metadata() -> sa.MetaData:
+    """The legacy tables as a real LIS has them on SQL Server: INT IDENTITY, DATETIME,
+    VARCHAR (code-page text, accents included) and NVARCHAR, MONEY and TEXT."""
+    metadata = sa.MetaData()
+    for table in legacy_metadata.sorted_tables:
+        for column in table.to_metadata(metadata).columns:
+            column.type = TSQL_TYPES.get(column.name, column.type)
+    return metadata
+
+
 def create_legacy_schema(engine: sa.Engine, *, drop: bool = False) -> None:
+    """The LIS tables; on SQL Server with the T-SQL types a real LIS uses. Inserts go
+    through ITEM_SOL & co. either way (SQLAlchemy wraps an explicit CodItemSol in
+    SET IDENTITY_INSERT on SQL Server)."""
+    metadata = mssql_legacy_metadata() if engine.dialect.name == "mssql" else legacy_metadata
     if drop:
-        legacy_metadata.drop_all(engine)
-    legacy_metadata.create_all(engine)
+        metadata.drop_all(engine)
+    metadata.create_all(engine)
 
 
 def add_patient(conn, codpaciente: int, nome: str | None, *, cpf: str | None = None,
