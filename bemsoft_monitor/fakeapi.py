@@ -439,6 +439,7 @@ class FakeBemsoft:
         self._released = threading.Event()
         self._released.set()
         self.post_held = threading.Event()
+        self.posts_held = 0          # POSTs waiting right now for release_posts()
         self._stopping = threading.Event()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -541,9 +542,13 @@ class FakeBemsoft:
 
     def _wait_while_held(self) -> None:
         if not self._released.is_set():
+            with self._lock:
+                self.posts_held += 1
             self.post_held.set()
             while not self._released.wait(0.05) and not self._stopping.is_set():
                 pass
+            with self._lock:
+                self.posts_held -= 1
 
     def set_latency(self, seconds: float) -> None:
         """Sleep this long before handling each ``POST /requests`` (no lock held)."""
