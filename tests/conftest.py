@@ -172,6 +172,17 @@ def harness(db_url, api, settings_factory):
     h.close()
 
 
+def wait_until(condition, timeout=30.0) -> bool:
+    """Poll until condition() holds; the timeout only bounds a hang, it asserts no speed."""
+    import time
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        threading.Event().wait(0.01)
+    return True
+
+
 # ------------------------------------------------------------------ driving the CLIs
 ROOT = Path(__file__).resolve().parent.parent
 

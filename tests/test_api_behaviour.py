@@ -14,7 +14,7 @@ import pytest
 from bemsoft_monitor.catalog import Catalog
 from bemsoft_monitor.payload import idempotency_key
 from bemsoft_monitor.retry import PauseGate
-from conftest import TOKEN
+from conftest import TOKEN, wait_until
 
 FAST = {"BEMSOFT_BACKOFF": "0.01", "BEMSOFT_MAX_BACKOFF": "1"}
 
@@ -251,16 +251,6 @@ def test_429_retry_after_pauses_every_sender(harness, tmp_path):
     assert failure_files(tmp_path) == []
     assert stored_once(harness.api, ids)
     assert harness.checkpoint() == max(ids)
-
-
-def wait_until(condition, timeout=30.0):
-    """Poll until condition() holds; the timeout only bounds a hang, it asserts no speed."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        threading.Event().wait(0.01)
-    return True
 
 
 def settled(api, quiet: float) -> bool:

@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import collections
 import threading
-import time
 from concurrent import futures
 
 from bemsoft_monitor.payload import idempotency_key
-
-
-def wait_for(condition, timeout=30.0):
-    """Poll until condition() holds; the timeout only bounds a hang, it asserts no speed."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        threading.Event().wait(0.01)
-    return True
+from conftest import wait_until
 
 
 def stored_ids(api):
@@ -58,7 +48,7 @@ def test_concurrency_sends_in_parallel_and_keeps_one_key_per_solicitation(harnes
     try:
         # six POSTs held at once: they were sent in parallel (one after the other, the
         # second would never arrive while the first is held)
-        assert wait_for(lambda: harness.api.posts_held == 6), harness.api.posts_held
+        assert wait_until(lambda: harness.api.posts_held == 6), harness.api.posts_held
     finally:
         harness.api.release_posts()
         drain.join(60)
