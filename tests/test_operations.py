@@ -222,9 +222,14 @@ def test_stop_file_stops_the_monitor_gracefully(env_file, legacy, tmp_path):
     stop = tmp_path / "monitor.stop"
     proc = subprocess.Popen([sys.executable, "monitor_bemsoft.py", "--env-file", str(env_file),
                              "--stop-file", str(stop)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
+    started = []
+    for line in proc.stderr:         # wait until it has started, however loaded the machine
+        started.append(line)
+        if "Primeira execução" in line:
+            break
     stop.write_text("stop")
     _, err = proc.communicate(timeout=30)
+    err = "".join(started) + err
     assert proc.returncode == 0 and "Arquivo de parada" in err and "Monitor encerrado" in err
     assert not stop.exists()
 
