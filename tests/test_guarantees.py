@@ -96,6 +96,22 @@ def test_dry_run_on_an_existing_installation_writes_nothing_and_skips_nothing(
     assert harness.checkpoint() == max(bad)
 
 
+def test_dry_run_on_state_left_by_an_older_monitor_without_a_floor_writes_nothing(harness):
+    ids = harness.order(1, ["GLI", "HEMO"])
+    monitor = harness.monitor()
+    monitor.run("drain")
+    with harness.engine.begin() as conn:           # older versions kept no look-back floor
+        conn.execute(sa.text('DELETE FROM "_MonitorState" WHERE "Name" = :n'),
+                     {"n": monitor.source.floor_name})
+    before = monitor_state(harness.engine)
+    harness.order(2, ["TSH"])
+    dry = harness.monitor(BEMSOFT_DRY_RUN=1)
+    dry.run("drain")
+    assert [key for key, _ in dry.printed] == [KEY_2_ITEM_3]
+    assert monitor_state(harness.engine) == before
+    assert harness.checkpoint() == max(ids)
+
+
 # ------------------------------------------------------------------ nothing held during a POST
 
 @pytest.mark.postgres
