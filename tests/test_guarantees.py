@@ -90,8 +90,8 @@ def test_dry_run_on_an_existing_installation_writes_nothing_and_skips_nothing(
 
     harness.monitor(BEMSOFT_CONCURRENCY=concurrency).run("drain")
     assert stored(harness.api) == {f"item-{i}": 1 for i in first + later + more}
-    assert sorted(r["key"] for r in posts(harness.api))[1:] == sorted(
-        [KEY_2_ITEM_3, idempotency_key("3", more)])
+    assert sorted(r["key"] for r in posts(harness.api)[1:]) == sorted(
+        [KEY_2_ITEM_3, idempotency_key("3", more)])             # the keys the dry run printed
     assert len(list((tmp_path / "failed").glob("*.json"))) == 1
     assert harness.checkpoint() == max(bad)
 
