@@ -385,7 +385,8 @@ class CheckpointWatcher(_threading.Thread):
     have no recorded outcome (no `_MonitorItems` row, or still "sending"). The spec says
     this set must stay empty, except for a late commit that the look-back window has not
     picked up yet. Only the unpruned range (checkpoint - 2*lookback, checkpoint] is
-    checked. Errors (outages) skip a sample."""
+    checked. Errors (outages) skip a sample; `violations()` refuses to answer if no sample
+    ever read the checkpoint (a watcher that only failed proved nothing)."""
 
     def __init__(self, db_url: str, lookback: int = 1000, interval: float = 0.2,
                  name: str = "bemsoft"):
@@ -397,6 +398,8 @@ class CheckpointWatcher(_threading.Thread):
         self._halt = _threading.Event()
         self.samples = 0
         self.failed_samples = 0
+        self.good_samples = 0       # samples that read a checkpoint
+        self.last_error: str | None = None
         self.checkpoints: list[tuple[float, int]] = []   # (monotonic, value) on change
         self.seen: dict[int, list[float]] = {}          # item -> [first, last] monotonic
 
@@ -428,6 +431,7 @@ class CheckpointWatcher(_threading.Thread):
             self.checkpoints.append((now, int(cp)))
         for (item,) in rows:
             self.seen.setdefault(int(item), [now, now])[1] = now
+        self.good_samples += 1
 
     def run(self) -> None:
         for _ in range(10_000_000):
@@ -436,8 +440,9 @@ class CheckpointWatcher(_threading.Thread):
             self.samples += 1
             try:
                 self.sample()
-            except Exception:  # noqa: BLE001 - outage, or the tables do not exist yet
+            except Exception as err:  # noqa: BLE001 - outage, or the tables do not exist yet
                 self.failed_samples += 1
+                self.last_error = f"{err.__class__.__name__}: {str(err).splitlines()[0][:200]}"
             self._halt.wait(self.interval)
 
     def checkpoint_values(self) -> list[int]:
@@ -446,6 +451,9 @@ class CheckpointWatcher(_threading.Thread):
     def violations(self, grace: float = 0.0) -> dict[int, float]:
         """Items seen at or below the checkpoint without an outcome for longer than
         `grace` seconds (a single sample counts as 0 s): {item: seconds}."""
+        if not self.good_samples:
+            raise RuntimeError(f"vigia do checkpoint não leu nenhuma amostra em {self.samples} "
+                               f"tentativas; último erro: {self.last_error}")
         return {i: last - first for i, (first, last) in sorted(self.seen.items())
                 if last - first >= grace}
 

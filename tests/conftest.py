@@ -19,7 +19,8 @@ from bemsoft_monitor.schema import legacy_metadata, monitor_metadata
 from bemsoft_monitor.testing.fakeapi import FakeBemsoft
 from bemsoft_monitor.testing.harness import (IN_CI, LAB, PG_ADMIN_URL, TOKEN, PgDatabase,
                                              PostgresUnavailable, env_values, pg_problem,
-                                             read_checkpoint, subprocess_env, write_env)
+                                             read_checkpoint, subprocess_env, wait_until,
+                                             write_env)
 from bemsoft_monitor.testing.sampledata import add_items, add_order, add_patient, create_legacy_schema
 
 # SQL Server: an `mssql+pyodbc` URL of a login allowed to CREATE DATABASE; each test session

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import collections
 import threading
+from concurrent import futures
 
 from bemsoft_monitor.payload import idempotency_key
+from conftest import wait_until
 
 
 def stored_ids(api):
@@ -39,14 +41,20 @@ def test_concurrency_sends_in_parallel_and_keeps_one_key_per_solicitation(harnes
     ids = {}
     for cod in range(1, 13):
         ids[cod] = harness.order(cod, ["GLI"])
-    harness.api.set_latency(0.1)
-    monitor = harness.monitor(BEMSOFT_CONCURRENCY=6)
-    monitor.run("drain")
+    monitor = harness.monitor(BEMSOFT_CONCURRENCY=6, BEMSOFT_TIMEOUT=120)  # no retry while held
+    harness.api.hold_posts()             # every POST waits at the fake until released
+    drain = threading.Thread(target=monitor.run, args=("drain",))
+    drain.start()
+    try:
+        # six POSTs held at once: they were sent in parallel (one after the other, the
+        # second would never arrive while the first is held)
+        assert wait_until(lambda: harness.api.posts_held == 6), harness.api.posts_held
+    finally:
+        harness.api.release_posts()
+        drain.join(60)
+    assert not drain.is_alive()
     posts = [r for r in harness.api.requests if r.get("body") and "batch" in r["body"]]
     assert sorted(r["key"] for r in posts) == sorted(idempotency_key(str(c), i) for c, i in ids.items())
-    # one after the other, six requests of 100 ms would arrive at least 0.5 s apart
-    times = sorted(r["time"] for r in posts)
-    assert times[5] - times[0] < 0.3
 
 
 def test_graceful_stop_mid_catch_up_records_what_was_sent_and_loses_nothing(harness):
@@ -59,24 +67,20 @@ def test_graceful_stop_mid_catch_up_records_what_was_sent_and_loses_nothing(harn
     monitor.shutdown = shutdown
     monitor.gate.shutdown = shutdown
     steps = 0
-
-    def stop_soon():
-        while steps < 3:
-            threading.Event().wait(0.005)
-        shutdown.set()
-
-    stopper = threading.Thread(target=stop_soon)
-    stopper.start()
     original = monitor.step
 
-    def counting_step():
+    def step_then_stop_at_the_third():
+        # SIGTERM after the third step, exactly: at most 3 pages of 5 were dispatched
         nonlocal steps
         steps += 1
-        return original()
+        result = original()
+        if steps == 3:
+            shutdown.set()
+        return result
 
-    monitor.step = counting_step
+    monitor.step = step_then_stop_at_the_third
     monitor.run("drain")
-    stopper.join()
+    assert steps == 3
     assert not monitor._inflight and not monitor._unrecorded
     first = stored_ids(harness.api)
     assert 0 < len(first) < len(ids)
@@ -99,7 +103,7 @@ def test_a_pending_send_cut_by_the_page_goes_out_whole_under_its_key(harness):
     monitor = harness.monitor(BEMSOFT_CONCURRENCY=4, BATCH_SIZE=4, BEMSOFT_RETRIES=0,
                               BEMSOFT_BACKOFF=0.01)
     monitor.step()                    # page 1 dispatched, still in flight (catching up)
-    threading.Event().wait(0.5)       # both sends fail meanwhile
+    futures.wait([f for batch in monitor._inflight for f in batch.futures])  # both sends fail
     for _ in range(50):
         result = monitor.step()
         while monitor.gate.remaining() > 0:

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from bemsoft_monitor.db import describe_query_timeout, is_query_timeout
 from bemsoft_monitor.lock import InstanceLock, advisory_key, first_value
 from bemsoft_monitor.testing.sampledata import add_items, add_order, add_patient
-from conftest import LAB, PG_ADMIN_URL, ROOT, Harness, run, subprocess_env, write_env
+from conftest import LAB, PG_ADMIN_URL, ROOT, Harness, run, subprocess_env, wait_until, write_env
 
 EXIT_LOCKED = 4
 TAKEN = "Outro monitor 'bemsoft' já está ativo neste banco"
@@ -28,15 +28,6 @@ STANDBY = "Este fica em espera e assume quando o outro parar"
 TOOK_OVER = "Bloqueio obtido: este monitor assume o envio."
 STARTED = "Monitor iniciado"
 OUTAGE = "Banco de dados indisponível"
-
-
-def wait_until(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
 
 
 class MonitorProcess:

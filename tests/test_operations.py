@@ -168,10 +168,13 @@ def test_stop_file_stops_the_monitor_gracefully(env_file, legacy, tmp_path):
     stop = tmp_path / "monitor.stop"
     proc = subprocess.Popen(monitor_command(env_file, "--stop-file", str(stop)), cwd=ROOT,
                             stderr=subprocess.PIPE, text=True, env=subprocess_env())
-    time.sleep(1.5)
+    log_file = tmp_path / "logs" / "monitor.log"
+    # wait until it has started, however loaded the machine
+    assert wait_until(lambda: log_file.exists() and "Primeira execução" in log_file.read_text(
+        encoding="utf-8"), 60), "o monitor não iniciou"
     stop.write_text("stop")
     _, err = proc.communicate(timeout=30)
-    log = (tmp_path / "logs" / "monitor.log").read_text(encoding="utf-8")
+    log = log_file.read_text(encoding="utf-8")
     assert proc.returncode == 0 and "Arquivo de parada" in log and "Monitor encerrado" in log
     assert "Monitor encerrado" not in err      # LOG_FILE set, stderr not a terminal: warnings only
     assert not stop.exists()

@@ -17,6 +17,15 @@ from bemsoft_monitor.payload import idempotency_key
 from conftest import TOKEN
 
 
+@pytest.fixture(params=[1, 4], ids=["conc1", "conc4"])
+def settings_factory(settings_factory, request):
+    """Every test here runs at BEMSOFT_CONCURRENCY=1 and at the production default 4."""
+    def make(db_url, **overrides):
+        overrides.setdefault("BEMSOFT_CONCURRENCY", request.param)
+        return settings_factory(db_url, **overrides)
+    return make
+
+
 def posts(api):
     return [r for r in api.requests if r.get("body") is not None and "batch" in (r["body"] or {})]
 
@@ -35,6 +44,7 @@ def test_delivers_one_request_per_solicitation_and_moves_checkpoint(harness):
     sent = posts(harness.api)
     assert [r["body"]["batch"]["externalId"] for r in sent] == ["sol-1", "sol-2"]
     assert [r["key"] for r in sent] == [idempotency_key("1", a), idempotency_key("2", b)]
+    assert [r["key"] for r in sent] == ["sol-1-17f8af97ad4a", "sol-2-4e07408562be"]  # pinned
     assert_each_once(harness.api, a + b)
     assert harness.checkpoint() == max(a + b)
     # an idle cycle sends nothing more
@@ -115,7 +125,9 @@ def test_exams_added_after_sending_go_as_a_second_request(harness):
     assert second["date"] == "2026-11-28"
     assert second["order"]["tests"][0]["collectionDate"] <= second["date"]
     assert_each_once(harness.api, first + added)
-    assert sorted(harness.api.stored_batches()["sol-1"]["tests"], key=str) is not None
+    batch = harness.api.stored_batches()["sol-1"]
+    assert sorted(batch["tests"]) == sorted(f"item-{i}" for i in first + added)
+    assert batch["keys"] == [idempotency_key("1", first), idempotency_key("1", added)]
 
 
 def crash_after_post(monitor):
@@ -145,7 +157,7 @@ def test_crash_between_post_and_checkpoint_resends_with_the_same_key(harness):
     restarted.step()
     sent = posts(harness.api)
     assert len(sent) == 2
-    assert sent[0]["key"] == sent[1]["key"] == idempotency_key("1", ids)
+    assert sent[0]["key"] == sent[1]["key"] == idempotency_key("1", ids) == "sol-1-17f8af97ad4a"
     assert harness.api.status_counts() == {"201": 1, "409": 1}
     assert_each_once(harness.api, ids)
     assert harness.checkpoint() == max(ids)

@@ -46,7 +46,7 @@ def test_faults_mixed_concurrency_4():
     assert sorted(row["failure_statuses"]) == [201, 400, 401]
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "known limitation of the API (SPEC §5.2), kept visible: a client timeout whose late answer "
     "was '201 with an error body' (nothing saved, key remembered) is retried with the same "
     "Idempotency-Key and gets 409; the API cannot be asked which of the two happened, so the "

@@ -99,65 +99,80 @@ def test_pause_gate_remaining_follows_the_clock():
     assert gate.remaining() == 0
 
 
-def test_pause_gate_wait_returns_at_once_when_not_paused():
+class SteppingShutdown(threading.Event):
+    """The gate's shutdown flag, whose wait(t) does not sleep: it moves the fake clock by t
+    and records t. Waits are then exact and independent of the machine's load.
+    `stop_after`: the flag is set during that many-th wait (a shutdown mid-pause)."""
+
+    def __init__(self, clock: FakeClock, stop_after: int | None = None):
+        super().__init__()
+        self.clock, self.stop_after, self.waits = clock, stop_after, []
+        self.gate, self.shared_pause = None, []   # what the shared gate said at each wait
+
+    def wait(self, timeout=None):
+        self.waits.append(timeout)
+        if self.gate is not None:
+            self.shared_pause.append(self.gate.remaining())
+        self.clock.now += timeout
+        if self.stop_after is not None and len(self.waits) >= self.stop_after:
+            self.set()
+        return self.is_set()
+
+
+def stepping_gate(stop_after=None):
     clock = FakeClock()
-    gate = PauseGate(clock=clock)
+    shutdown = SteppingShutdown(clock, stop_after)
+    shutdown.gate = PauseGate(shutdown, clock=clock)
+    return shutdown.gate, shutdown
+
+
+def test_pause_gate_wait_returns_at_once_when_not_paused():
+    gate, shutdown = stepping_gate()
     gate.pause(3)
-    clock.now += 3
-    started = time.monotonic()
+    shutdown.clock.now += 3
     assert gate.wait() is True
-    assert time.monotonic() - started < 0.1
+    assert shutdown.waits == []
 
 
 def test_pause_gate_wait_blocks_until_the_pause_is_over():
-    gate = PauseGate()
-    gate.pause(0.15)
-    started = time.monotonic()
+    gate, shutdown = stepping_gate()
+    gate.pause(1.2)
     assert gate.wait() is True
-    assert time.monotonic() - started >= 0.14
+    assert shutdown.waits == pytest.approx([0.5, 0.5, 0.2])    # short slices, then done
     assert gate.remaining() == 0
 
 
 def test_pause_gate_wait_honours_shutdown():
-    shutdown = threading.Event()
-    clock = FakeClock()
-    gate = PauseGate(shutdown, clock=clock)
+    gate, shutdown = stepping_gate()
     gate.pause(3600)
     shutdown.set()
-    started = time.monotonic()
     assert gate.wait() is False                      # already shutting down
     assert gate.sleep(3600) is False
-    assert time.monotonic() - started < 0.1
+    assert shutdown.waits == []
 
 
 def test_pause_gate_wait_wakes_up_on_shutdown_during_a_long_pause():
-    shutdown = threading.Event()
-    gate = PauseGate(shutdown)
+    gate, shutdown = stepping_gate(stop_after=3)
     gate.pause(3600)
-    timer = threading.Timer(0.05, shutdown.set)
-    timer.start()
+    assert gate.wait() is False
+    assert shutdown.waits == [0.5, 0.5, 0.5]         # checked at every slice
+
+
+def test_pause_gate_wait_with_the_real_clock_blocks_at_least_the_pause():
+    gate = PauseGate()
+    gate.pause(0.15)
     started = time.monotonic()
-    try:
-        assert gate.wait() is False
-    finally:
-        timer.cancel()
-    assert time.monotonic() - started < 0.5
+    assert gate.wait() is True
+    assert time.monotonic() - started >= 0.14       # a lower bound: load cannot break it
 
 
 def test_pause_gate_sleep():
-    shutdown = threading.Event()
-    gate = PauseGate(shutdown)
-    started = time.monotonic()
+    gate, shutdown = stepping_gate()
     assert gate.sleep(0.05) is True
-    assert time.monotonic() - started >= 0.045
-    timer = threading.Timer(0.05, shutdown.set)
-    timer.start()
-    started = time.monotonic()
-    try:
-        assert gate.sleep(3600) is False
-    finally:
-        timer.cancel()
-    assert time.monotonic() - started < 0.5
+    assert shutdown.waits == pytest.approx([0.05])
+    gate, shutdown = stepping_gate(stop_after=2)
+    assert gate.sleep(3600) is False
+    assert shutdown.waits == [0.5, 0.5]
 
 
 # ---------------------------------------------------------------- classify
@@ -265,31 +280,29 @@ def test_classify_cuts_a_huge_body():
 
 # ---------------------------------------------------------------- the client's retries
 
-def make_client(tmp_path, api, **overrides) -> BemsoftClient:
+def make_client(tmp_path, api, gate=None, **overrides) -> BemsoftClient:
     values = {"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", "TERCEIROS": "LAB",
               "BEMSOFT_BASE_URL": api.url, "BEMSOFT_TOKEN": TOKEN, "BEMSOFT_TIMEOUT": "5",
               "LOG_FILE": "-"}
     values.update({k: str(v) for k, v in overrides.items()})
-    return BemsoftClient(parse_settings(values, base_dir=tmp_path))
+    return BemsoftClient(parse_settings(values, base_dir=tmp_path), gate=gate)
 
 
 MINIMAL = {"batch": {"externalId": "sol-1"}}   # the fake answers faults before validating
 
 
 def test_client_waits_the_backoff_sequence_between_attempts(tmp_path, api):
-    client = make_client(tmp_path, api, BEMSOFT_RETRIES=3, BEMSOFT_BACKOFF=0.05)
+    gate, shutdown = stepping_gate()
+    client = make_client(tmp_path, api, gate, BEMSOFT_RETRIES=3, BEMSOFT_BACKOFF=0.05)
     api.fail_next(10, status=503)
     try:
         delivery = client.deliver(MINIMAL, "sol-1-abc")
     finally:
         client.close()
     assert delivery.outcome == TRANSIENT and delivery.attempts == 4 and delivery.status == 503
-    times = [r["time"] for r in api.requests]
     assert [r["key"] for r in api.requests] == ["sol-1-abc"] * 4
-    gaps = [b - a for a, b in zip(times, times[1:])]
-    for gap, expected in zip(gaps, [0.05, 0.1, 0.2]):
-        assert gap >= expected * 0.9
-    assert gaps[2] > 2.5 * gaps[0]       # doubling, not a constant delay
+    assert shutdown.waits == pytest.approx([0.05, 0.1, 0.2])   # doubling, exactly
+    assert shutdown.shared_pause == [0, 0, 0]        # a plain backoff holds only this sender
 
 
 def test_client_does_not_retry_a_permanent_answer(tmp_path, api):
@@ -304,15 +317,18 @@ def test_client_does_not_retry_a_permanent_answer(tmp_path, api):
 
 
 def test_client_retry_after_pauses_the_shared_gate(tmp_path, api):
-    client = make_client(tmp_path, api, BEMSOFT_RETRIES=2, BEMSOFT_BACKOFF=0.01)
+    gate, shutdown = stepping_gate()
+    client = make_client(tmp_path, api, gate, BEMSOFT_RETRIES=2, BEMSOFT_BACKOFF=0.01)
     api.fail_next(3, status=503, retry_after="0.15")
     try:
         delivery = client.deliver(MINIMAL, "sol-1-abc")
     finally:
         client.close()
     assert delivery.outcome == TRANSIENT and delivery.attempts == 3
-    times = [r["time"] for r in api.requests]
-    assert times[1] - times[0] >= 0.14 and times[2] - times[1] >= 0.14
+    assert len(api.requests) == 3
+    # the server's 0.15 s, not the 0.01 s backoff, held the shared gate before each retry
+    assert shutdown.waits == pytest.approx([0.15, 0.15])
+    assert shutdown.shared_pause == pytest.approx([0.15, 0.15])  # every sender was held
 
 
 def test_client_stops_at_shutdown_without_posting(tmp_path, api):

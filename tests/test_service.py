@@ -20,7 +20,7 @@ import pytest
 from bemsoft_monitor.app import (SHUTDOWN_SIGNALS, console_event_swallowed, install_signal_handlers,
                                  setup_logging, shutdown_handler)
 from bemsoft_monitor.service import PidRecord, command_line_names, is_running, process_started
-from conftest import ROOT, run
+from conftest import ROOT, run, wait_until
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="the end-to-end launcher tests read /proc")
@@ -69,13 +69,6 @@ def argv_or_nothing(pid: int) -> list[str]:
         return []
 
 
-def wait_for(condition, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return condition()
-
-
 def alive(pid: int) -> bool:
     return process_started(pid) is not None
 
@@ -92,7 +85,7 @@ def test_start_refuses_a_second_start_and_stop_is_graceful(env_file, legacy, api
     second = sh("start_monitor.sh", "--env-file", str(env_file), env=launcher_env)
     assert second.returncode == 1 and f"já está rodando (pid {pid})" in second.stderr
     assert service("status", "monitor", env=launcher_env).returncode == 0
-    assert wait_for(lambda: api.stored_tests())
+    assert wait_until(lambda: api.stored_tests())
     stopped = sh("stop_monitor.sh", env=launcher_env)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert "monitor parado." in stopped.stdout and "à força" not in stopped.stderr and not alive(pid)
@@ -128,7 +121,7 @@ def test_arguments_and_project_paths_with_spaces_parentheses_and_accents(env_fil
     pid = json.loads((runs / "monitor.pid").read_text(encoding="utf-8"))["pid"]
     assert argv_of(pid)[1:] == [str(project / "monitor_bemsoft.py"), "--stop-file",
                                 str(runs / "monitor.stop"), "--env-file", str(odd_env)]
-    assert wait_for(lambda: api.stored_tests())                # it read that .env
+    assert wait_until(lambda: api.stored_tests())                # it read that .env
     stopped = sh("stop_monitor.sh", env=env, root=project)
     assert stopped.returncode == 0 and not alive(pid)
     assert (project / "completo" / "logs" / "monitor.out.log").exists()
@@ -204,7 +197,7 @@ def test_stop_terminates_our_process_when_it_does_not_finish_in_time(env_file, l
     started = service("start", "monitor", "--env-file", str(env_file), env=launcher_env)
     assert started.returncode == 0, started.stderr
     pid = pid_record(launcher_env)["pid"]
-    assert wait_for(lambda: sending(legacy))         # written just before the POST
+    assert wait_until(lambda: sending(legacy))         # written just before the POST
     launcher_env["STOP_TIMEOUT"] = "1"
     stopped = service("stop", "monitor", env=launcher_env)
     api.set_latency(0)
@@ -245,7 +238,7 @@ def test_retry_wrappers_replay_in_the_background_and_stop(env_file, legacy, api,
                                 str(run_dir(launcher_env) / "retry.stop"), "--dir",
                                 str(tmp_path / "failed"), "--send", "--watch", "0.5",
                                 "--env-file", str(env_file)]
-    assert wait_for(lambda: len(failure_files(tmp_path)) == 1)        # the unknown exam stays
+    assert wait_until(lambda: len(failure_files(tmp_path)) == 1)        # the unknown exam stays
     stopped = sh("stop_retry.sh", env=launcher_env)
     assert stopped.returncode == 0 and "retry parado." in stopped.stdout and not alive(pid)
     assert "à força" not in stopped.stderr               # --watch honours the stop file

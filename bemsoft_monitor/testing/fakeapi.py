@@ -410,6 +410,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(404, {"error": f"rota não encontrada: POST {path}"})
 
     def _post_requests(self, fake: "FakeBemsoft", raw: bytes) -> None:
+        fake._wait_while_held()
         result = fake._handle_post(self.headers, raw)
         if result.drop:
             self._drop()
@@ -463,6 +464,10 @@ class FakeBemsoft:
         self._initial_latency = float(latency)
         self._keep_requests = keep_requests
         self._lock = threading.Lock()
+        self._released = threading.Event()
+        self._released.set()
+        self.post_held = threading.Event()
+        self.posts_held = 0          # POSTs waiting right now for release_posts()
         self._stopping = threading.Event()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -554,6 +559,26 @@ class FakeBemsoft:
             return copy.deepcopy(self._catalog)
 
     # -- faults ----------------------------------------------------------------------
+    def hold_posts(self) -> threading.Event:
+        """Every ``POST /requests`` waits, before it is handled, until ``release_posts()``;
+        the returned event is set once one is waiting (tests look at the world mid-POST)."""
+        self._released.clear()
+        self.post_held.clear()
+        return self.post_held
+
+    def release_posts(self) -> None:
+        self._released.set()
+
+    def _wait_while_held(self) -> None:
+        if not self._released.is_set():
+            with self._lock:
+                self.posts_held += 1
+            self.post_held.set()
+            while not self._released.wait(0.05) and not self._stopping.is_set():
+                pass
+            with self._lock:
+                self.posts_held -= 1
+
     def set_latency(self, seconds: float) -> None:
         """Sleep this long before handling each ``POST /requests`` (no lock held)."""
         self.latency = max(0.0, float(seconds))

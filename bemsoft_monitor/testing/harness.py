@@ -32,8 +32,9 @@ PG_ADMIN_URL = os.environ.get("TEST_PG_URL", "postgresql+psycopg://postgres@127.
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.1) -> bool:
-    """Polls `predicate` until it is true or `timeout` seconds have passed; its last answer."""
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> bool:
+    """Polls `predicate` until it is true or `timeout` seconds have passed; its last answer.
+    The timeout only bounds a hang: it asserts no speed."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
