@@ -14,21 +14,41 @@ SOLICITACAO = legacy_metadata.tables["solicitacao"]
 PACIENTE = legacy_metadata.tables["paciente"]
 
 
-def create_legacy_schema(engine: sa.Engine, *, drop: bool = False) -> None:
+def create_legacy_schema(engine: sa.Engine, *, drop: bool = False,
+                         primary_keys: bool = True) -> None:
+    """The LIS tables. `primary_keys=False` creates `solicitacao` and `paciente` without
+    keys, as many real LIS databases have them (duplicated rows are then possible);
+    `ItemSol.CodItemSol` stays the identity column the monitor pages on."""
     if drop:
         legacy_metadata.drop_all(engine)
-    legacy_metadata.create_all(engine)
+    (legacy_metadata if primary_keys else _keyless_metadata()).create_all(engine)
+
+
+def _keyless_metadata() -> sa.MetaData:
+    metadata = sa.MetaData()
+    for table in legacy_metadata.sorted_tables:
+        keep = table.name == "ItemSol"
+        sa.Table(table.name, metadata,
+                 *[sa.Column(c.name, c.type, primary_key=keep and c.primary_key,
+                             autoincrement=c.autoincrement if keep else False,
+                             index=c.index) for c in table.columns])
+    return metadata
+
+
+def _code(value):
+    """A text code goes in as text (a LIS may keep its codes in VARCHAR columns)."""
+    return sa.bindparam(None, value, type_=sa.String) if isinstance(value, str) else value
 
 
 def add_patient(conn, codpaciente: int, nome: str | None, *, cpf: str | None = None,
                 datanasc=None, sexo: str | None = None, **extra) -> None:
-    conn.execute(PACIENTE.insert().values(codpaciente=codpaciente, nome=nome, cpf=cpf,
+    conn.execute(PACIENTE.insert().values(codpaciente=_code(codpaciente), nome=nome, cpf=cpf,
                                           datanasc=datanasc, sexo=sexo, **extra))
 
 
 def add_order(conn, cod: int, codpaciente: int | None, *, dtaentrada=None, hora=None,
               **extra) -> None:
-    conn.execute(SOLICITACAO.insert().values(codsolicitacao=cod, codpaciente=codpaciente,
+    conn.execute(SOLICITACAO.insert().values(codsolicitacao=_code(cod), codpaciente=_code(codpaciente),
                                              dtaentrada=dtaentrada, Hora=hora, **extra))
 
 
@@ -38,7 +58,7 @@ def add_items(conn, cod: int, items: Iterable[dict], *, terceirizado: str,
     CodItemSol/DataEntrada); returns the ids the database gave them."""
     ids = []
     for item in items:
-        values = {"CodSolicitacao": cod, "NomeTerceirizado": terceirizado,
+        values = {"CodSolicitacao": _code(cod), "NomeTerceirizado": terceirizado,
                   "DataEntrada": entered_at, "SituacaoResultado": "PENDENTE", **item}
         result = conn.execute(ITEM_SOL.insert().values(**values))
         ids.append(int(values.get("CodItemSol") or result.inserted_primary_key[0]))

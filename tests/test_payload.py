@@ -682,7 +682,9 @@ def check_shape(built: BuiltPayload, event: dict) -> None:
     patient = order["patient"]
     assert patient["gender"] in ("M", "F")
     check_date(patient["birthDate"])
-    assert re.fullmatch(r"(pat-.+|cpf-\d+)", patient["externalId"], re.DOTALL)
+    # ASCII-safe and short whatever the legacy code holds (SPEC §5.4)
+    assert re.fullmatch(r"(pat|cpf)-[0-9A-Za-z._-]{1,14}", patient["externalId"])
+    assert re.fullmatch(r"sol-[0-9A-Za-z._-]{1,14}", batch["externalId"])
     assert isinstance(patient["name"], str) and patient["name"]
     assert patient["weight"] == 0 and patient["height"] == 0
     assert [t["externalId"] for t in order["tests"]] == [f"item-{i}" for i in built.item_ids]
