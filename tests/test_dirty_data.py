@@ -235,3 +235,108 @@ def test_duplicates_cut_by_the_page_limit_are_read_whole(dirty, tmp_path):
     assert record["item_ids"] == bad and "nome" in record["reason"]
     assert stored_counts(dirty.api) == {f"item-{i}": 1 for i in ok}
     assert dirty.checkpoint() == max(ok)
+
+
+# ------------------------------------------------------------------ the monitor's own writes
+def refuse(engine, item_id, *, when="insert", kind="integrity"):
+    """Make the database itself refuse the monitor's write for one item, as a constraint
+    or a trigger added by a DBA would: a real IntegrityError/DataError, no mock."""
+    status = "" if when == "insert" else " AND NEW.\"Status\" = 'delivered'"
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            assert kind == "integrity"  # RAISE() in a trigger is SQLite's constraint error
+            conn.execute(sa.text(
+                f'CREATE TRIGGER refuse_item BEFORE {when.upper()} ON "_MonitorItems" '
+                f'WHEN NEW."CodItemSol" = {item_id}{status} '
+                "BEGIN SELECT RAISE(ABORT, 'recusado pelo banco'); END"))
+        elif kind == "integrity":
+            conn.execute(sa.text(
+                'ALTER TABLE "_MonitorItems" ADD CONSTRAINT refuse_item CHECK '
+                f'(NOT ("CodItemSol" = {item_id}{status.replace("NEW.", "")}))'))
+        else:  # value too long, as PostgreSQL says it (SQLSTATE 22001: DataError)
+            conn.execute(sa.text(
+                "CREATE FUNCTION refuse_item() RETURNS trigger AS $$ BEGIN "
+                f'IF NEW."CodItemSol" = {item_id}{status} THEN RAISE EXCEPTION '
+                "'value too long for type character varying(64)' USING ERRCODE = '22001'; "
+                "END IF; RETURN NEW; END $$ LANGUAGE plpgsql"))
+            conn.execute(sa.text(
+                f'CREATE TRIGGER refuse_item BEFORE {when.upper()} ON "_MonitorItems" '
+                "FOR EACH ROW EXECUTE FUNCTION refuse_item()"))
+
+
+def three_orders(h):
+    return h.order(1, ["GLI"]), h.order(2, ["GLI", "TSH"]), h.order(3, ["TSH"])
+
+
+def check_refused_sending(h, tmp_path, caplog, kind):
+    first, bad, last = three_orders(h)
+    monitor = h.monitor()
+    monitor.start()
+    refuse(h.engine, bad[1], kind=kind)
+    with caplog.at_level(logging.WARNING):
+        monitor.step()
+        monitor.step()
+        h.monitor().step()                 # a restart takes it up again: no second file
+    assert stored_counts(h.api) == {f"item-{i}": 1 for i in first + last}
+    [record] = failure_files(tmp_path)
+    assert record["item_ids"] == bad and record["http_status"] is None
+    assert "o banco recusou o registro do monitor em _MonitorItems" in record["reason"]
+    assert "Banco de dados indisponível" not in caplog.text
+    assert h.checkpoint() == max(last)
+    return record
+
+
+def test_a_refused_sending_record_costs_only_its_solicitation(harness, tmp_path, caplog):
+    record = check_refused_sending(harness, tmp_path, caplog, "integrity")
+    assert "recusado pelo banco" in record["reason"] or "refuse_item" in record["reason"]
+
+
+@pytest.mark.postgres
+def test_a_data_error_in_the_sending_record_is_narrowed_too(pg_url, api, settings_factory,
+                                                           tmp_path, caplog):
+    h = Harness(pg_url, api, settings_factory)
+    try:
+        record = check_refused_sending(h, tmp_path, caplog, "data")
+        assert "value too long" in record["reason"]
+    finally:
+        h.close()
+
+
+def test_a_refused_outcome_update_does_not_stop_the_others(harness, tmp_path, caplog):
+    first, bad, last = three_orders(harness)
+    monitor = harness.monitor()
+    monitor.start()
+    refuse(harness.engine, bad[0], when="update")
+    with caplog.at_level(logging.WARNING):
+        monitor.step()
+        monitor.step()
+    assert stored_counts(harness.api) == {f"item-{i}": 1 for i in first + bad + last}
+    assert harness.checkpoint() == max(last)
+    assert "o banco recusou gravar o resultado 'delivered'" in caplog.text
+    assert "Banco de dados indisponível" not in caplog.text
+    with harness.engine.connect() as conn:
+        statuses = dict(conn.execute(sa.text('SELECT "CodItemSol", "Status" FROM "_MonitorItems"')).all())
+    assert statuses == {**{i: "delivered" for i in first + last}, **{i: "sending" for i in bad}}
+    assert failure_files(tmp_path) == []   # delivered: not a failure
+
+
+def test_only_connection_errors_are_outages(db_url, tmp_path):
+    from bemsoft_monitor.source import is_outage
+    engine = sa.create_engine(db_url)
+    with pytest.raises(sa.exc.DBAPIError) as refused:
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE t_once (k INTEGER PRIMARY KEY)"))
+            conn.execute(sa.text("INSERT INTO t_once VALUES (1), (1)"))
+    assert isinstance(refused.value, sa.exc.IntegrityError) and not is_outage(refused.value)
+    if engine.dialect.name == "postgresql":
+        with pytest.raises(sa.exc.DBAPIError) as missing, engine.connect() as conn:
+            conn.execute(sa.text("SELECT * FROM no_such_table"))
+        assert not is_outage(missing.value)
+        unreachable = sa.create_engine("postgresql+psycopg://postgres@127.0.0.1:1/x",
+                                       connect_args={"connect_timeout": 2})
+    else:
+        unreachable = sa.create_engine(f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.db'}")
+    with pytest.raises(sa.exc.DBAPIError) as down:
+        unreachable.connect()
+    assert is_outage(down.value)
+    engine.dispose()
