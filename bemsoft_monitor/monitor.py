@@ -587,7 +587,7 @@ class Monitor:
         self.stats.reasons[record.reason.split(":")[0][:80]] += 1
         took = f", {job.delivery.duration * 1000:.0f} ms" if job.delivery else ""
         log.error("Solicitação %s falhou: %s, HTTP %s, chave %s%s: %s. Arquivo: %s",
-                  job.cod, count_items(len(job.item_ids)), record.http_status, job.key, took,
+                  job.cod or "(sem CodSolicitacao)", count_items(len(job.item_ids)), record.http_status, job.key, took,
                   record.reason, path)
 
     def _forget(self, key: str) -> None:

@@ -170,8 +170,11 @@ class LegacySource:
             if page.full:
                 raw_cods = {r.item["CodSolicitacao"] for r in rows}
                 # the last item is read again, whole: the limit may have cut its duplicate rows
-                extra = conn.execute(self.followup_statement(raw_cods, page.upper - 1, with_state))
-                rows = [r for r in rows if r.item_id != page.upper] + [self._row(r) for r in extra]
+                extra = [self._row(r) for r in conn.execute(
+                    self.followup_statement(raw_cods, page.upper - 1, with_state))]
+                if any(r.item_id == page.upper for r in extra):  # not when its key is NULL
+                    rows = [r for r in rows if r.item_id != page.upper]
+                rows += extra
             page.rows = unique_rows(rows)
             fanned = {r.item_id for r in page.rows if r.duplicated} - self._fanned_out
             if fanned:

@@ -130,15 +130,14 @@ CASES = [identical_patient_twice, identical_order_twice, patient_twice_with_diff
          odd_long_code]
 
 
+@pytest.mark.parametrize("batch_size", [50, 1])   # one page, or a page edge at every item
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
-def test_one_dirty_solicitation_costs_only_itself(dirty, tmp_path, case):
+def test_one_dirty_solicitation_costs_only_itself(dirty, tmp_path, case, batch_size):
     before = clean_order(dirty, 1)
     with dirty.engine.begin() as conn:
         bad, expected = case(conn)
     after = clean_order(dirty, 2)
-    monitor = dirty.monitor(BATCH_SIZE=50)
-    monitor.step()
-    monitor.step()
+    dirty.monitor(BATCH_SIZE=batch_size).run("drain")
     counts = stored_counts(dirty.api)
     clean = before + after + (bad if expected == "delivered" else [])
     assert {k: v for k, v in counts.items()} == {f"item-{i}": 1 for i in clean}
