@@ -361,9 +361,10 @@ class Monitor:
                                     "uma reinicialização", group)
             job.failure.http_status = row.pending_http
             return [job]
-        if group.problem:
+        if group.problem:  # kept in the event: a replay must not send the copy picked here
             key = group.pending_key or idempotency_key(cod, group.item_ids)
-            return [self._failure_job(cod, key, group.item_ids, event, group.problem, group)]
+            return [self._failure_job(cod, key, group.item_ids, dict(event, problema=group.problem),
+                                      group.problem, group)]
         try:
             built = build_payload(event, self.settings, self.catalog)
         except TransformError as err:

@@ -275,6 +275,9 @@ def build_test(item: dict, batch_at: dt.datetime, settings: Settings,
 def build_payload(event: dict, settings: Settings, specimens: SpecimenSource) -> BuiltPayload:
     """Event -> payload. Raises TransformError (whole solicitation) or lets the catalog's
     CatalogUnavailable through (transient: try again later)."""
+    if event.get("problema"):  # duplicated LIS rows that differ (see source.unique_rows)
+        raise TransformError(f"{event['problema']} (no arquivo de falha: deixe em 'event' os "
+                             "dados certos e apague o campo 'problema' antes de reenviar)")
     if not _external_num(event.get("cod_solicitacao")):
         raise TransformError(NO_COD_REASON)
     cod = external_token(event.get("cod_solicitacao"))

@@ -220,6 +220,23 @@ def test_the_row_kept_among_duplicates_does_not_depend_on_read_order(dirty, tmp_
     assert names == {"50": "Maria da Silva", "60": "Maria da Silva"}
 
 
+def test_a_filed_duplicate_is_not_replayed_until_the_operator_fixes_the_file(dirty, tmp_path):
+    """The copy kept in the file was picked, not known to be right: retry_failed.py refuses
+    it while the file still carries the problem."""
+    from bemsoft_monitor.failures import FailureStore
+    from bemsoft_monitor.payload import TransformError, build_payload
+    with dirty.engine.begin() as conn:
+        patient_twice_with_different_names(conn)
+    dirty.monitor().step()
+    [path] = (tmp_path / "failed").glob("*.json")
+    record = FailureStore.load(path)
+    settings = dirty.settings_factory(dirty.url)
+    with pytest.raises(TransformError, match="apague o campo 'problema'"):
+        build_payload(record.event, settings, dirty.monitors[0].catalog)
+    fixed = {k: v for k, v in record.event.items() if k != "problema"}
+    assert build_payload(fixed, settings, dirty.monitors[0].catalog).payload is not None
+
+
 def test_duplicates_cut_by_the_page_limit_are_read_whole(dirty, tmp_path):
     """The page limit may fall between two copies of an item: the item is read again whole,
     so the conflict is seen (not one copy by chance)."""
