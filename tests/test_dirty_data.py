@@ -356,3 +356,25 @@ def test_only_connection_errors_are_outages(db_url, tmp_path):
         unreachable.connect()
     assert is_outage(down.value)
     engine.dispose()
+
+
+def test_the_readme_lists_every_data_failure_reason():
+    """README "Dados do LIS" is the lab's guide: each reason the monitor writes is there."""
+    from bemsoft_monitor.monitor import DB_REFUSED_REASON
+    from conftest import ROOT
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Dados do LIS", 1)[1].split("\n## ", 1)[0]
+    for text in (NO_COD_REASON, DB_REFUSED_REASON.split(":")[0],
+                 "não encontrada na tabela solicitacao (itens sem pedido): confira o cadastro",
+                 "aparece mais de uma vez na tabela paciente com dados diferentes",
+                 "apague a linha duplicada errada no LIS",
+                 "paciente sem codpaciente e sem CPF: não há como identificá-lo",
+                 "sem nome (tabela paciente, coluna nome;",
+                 "sem data de nascimento válida: preencha paciente.datanasc",
+                 "sem sexo M/F: preencha paciente.sexo",
+                 "item sem código de exame (ItemSol.CodConvExames vazio)",
+                 "não existe no catálogo /tests da Bemsoft",
+                 "erro inesperado ao preparar o pedido", "erro inesperado ao montar o pedido",
+                 "erro inesperado ao enviar", "event.problema",
+                 "Linhas duplicadas no banco do LIS (tabela sem chave"):
+        assert text in " ".join(section.split()), text
