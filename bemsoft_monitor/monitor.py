@@ -412,9 +412,9 @@ class Monitor:
         except sa.exc.DBAPIError as err:
             if is_outage(err):
                 raise
+            items = count_items(sum(len(j.item_ids) for j in jobs))
             log.warning("O banco recusou o registro \"enviando\" de %s (%s); registrando "
-                        "solicitação por solicitação.", count_items(sum(len(j.item_ids) for j in jobs)),
-                        _short(err))
+                        "solicitação por solicitação.", items, _short(err))
         for job in jobs:
             try:
                 self.source.mark_sending([(job.item_ids, job.cod, job.key)])
@@ -588,8 +588,8 @@ class Monitor:
         self.stats.reasons[record.reason.split(":")[0][:80]] += 1
         took = f", {job.delivery.duration * 1000:.0f} ms" if job.delivery else ""
         log.error("Solicitação %s falhou: %s, HTTP %s, chave %s%s: %s. Arquivo: %s",
-                  job.cod or "(sem CodSolicitacao)", count_items(len(job.item_ids)), record.http_status, job.key, took,
-                  record.reason, path)
+                  job.cod or "(sem CodSolicitacao)", count_items(len(job.item_ids)),
+                  record.http_status, job.key, took, record.reason, path)
 
     def _forget(self, key: str) -> None:
         self._attempts.pop(key, None)

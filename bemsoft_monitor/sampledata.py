@@ -14,24 +14,32 @@ SOLICITACAO = legacy_metadata.tables["solicitacao"]
 PACIENTE = legacy_metadata.tables["paciente"]
 
 
-def create_legacy_schema(engine: sa.Engine, *, drop: bool = False,
-                         primary_keys: bool = True) -> None:
+def create_legacy_schema(engine: sa.Engine, *, drop: bool = False, primary_keys: bool = True,
+                         text_codes: bool = False) -> None:
     """The LIS tables. `primary_keys=False` creates `solicitacao` and `paciente` without
     keys, as many real LIS databases have them (duplicated rows are then possible);
-    `ItemSol.CodItemSol` stays the identity column the monitor pages on."""
+    `ItemSol.CodItemSol` stays the identity column the monitor pages on. `text_codes=True`
+    keeps codsolicitacao/codpaciente as text (NVARCHAR), as some LIS do."""
     if drop:
         legacy_metadata.drop_all(engine)
-    (legacy_metadata if primary_keys else _keyless_metadata()).create_all(engine)
+    if primary_keys and not text_codes:
+        legacy_metadata.create_all(engine)
+    else:
+        _variant_metadata(primary_keys, text_codes).create_all(engine)
 
 
-def _keyless_metadata() -> sa.MetaData:
+_CODE_COLUMNS = {"CodSolicitacao", "codsolicitacao", "codpaciente"}
+
+
+def _variant_metadata(primary_keys: bool, text_codes: bool) -> sa.MetaData:
     metadata = sa.MetaData()
     for table in legacy_metadata.sorted_tables:
-        keep = table.name == "ItemSol"
-        sa.Table(table.name, metadata,
-                 *[sa.Column(c.name, c.type, primary_key=keep and c.primary_key,
-                             autoincrement=c.autoincrement if keep else False,
-                             index=c.index) for c in table.columns])
+        keep = primary_keys or table.name == "ItemSol"
+        sa.Table(table.name, metadata, *[
+            sa.Column(c.name, sa.Unicode(300) if text_codes and c.name in _CODE_COLUMNS else c.type,
+                      primary_key=keep and c.primary_key,
+                      autoincrement=c.autoincrement if keep else False, index=c.index)
+            for c in table.columns])
     return metadata
 
 

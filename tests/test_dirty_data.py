@@ -28,12 +28,7 @@ def dirty(db_url, api, settings_factory):
     text codes (a LIS may keep codsolicitacao/codpaciente as VARCHAR)."""
     engine = sa.create_engine(db_url)
     legacy_metadata.drop_all(engine)
-    create_legacy_schema(engine, primary_keys=False)
-    if engine.dialect.name == "postgresql":
-        with engine.begin() as conn:
-            for table, column in (("ItemSol", "CodSolicitacao"), ("solicitacao", "codsolicitacao"),
-                                  ("solicitacao", "codpaciente"), ("paciente", "codpaciente")):
-                conn.execute(sa.text(f'ALTER TABLE "{table}" ALTER COLUMN "{column}" TYPE varchar(300)'))
+    create_legacy_schema(engine, primary_keys=False, text_codes=True)
     engine.dispose()
     h = Harness(db_url, api, settings_factory)
     yield h
