@@ -182,6 +182,14 @@ class LegacySource:
                 self._fanned_out |= fanned
         return page
 
+    @staticmethod
+    def duplicates_statement(table_name: str, column: str, keys: Sequence):
+        """The keys among `keys` that more than one row of the legacy table holds."""
+        table = {"ItemSol": item_sol, "solicitacao": solicitacao, "paciente": paciente}[table_name]
+        col = table.c[column]
+        return (sa.select(col, sa.func.count()).where(col.in_(list(keys)))
+                .group_by(col).having(sa.func.count() > 1))
+
     def _warn_duplicates(self, conn, rows: list[ItemRow]) -> None:
         """Name the duplicated LIS keys behind a fan-out, once per process. Runs only when a
         join returned an item more than once (a table without a primary key)."""
@@ -192,14 +200,10 @@ class LegacySource:
         }
         found = []
         for (table_name, column), keys in candidates.items():
-            table = {"ItemSol": item_sol, "solicitacao": solicitacao, "paciente": paciente}[table_name]
             keys = [k for k in keys if (table_name, k) not in self._warned]
             if not keys:
                 continue
-            col = table.c[column]
-            statement = (sa.select(col, sa.func.count()).where(col.in_(keys))
-                         .group_by(col).having(sa.func.count() > 1))
-            for key, count in conn.execute(statement):
+            for key, count in conn.execute(self.duplicates_statement(table_name, column, keys)):
                 self._warned.add((table_name, jsonable(key)))
                 found.append(f"{table_name}.{column}={jsonable(key)} ({count} linhas)")
         if found:
@@ -280,6 +284,7 @@ class LegacySource:
         return {
             "page": self.page_statement(0, 500),
             "followup": self.followup_statement([1, 2], 0),
+            "duplicates": self.duplicates_statement("paciente", "codpaciente", [1, 2]),
             "page_dry_run": self.page_statement(0, 500, with_state=False),
             "mark_sending": monitor_items.insert(),
             "outcome": self.outcome_statement([1, 2], DELIVERED, now),
