@@ -25,13 +25,17 @@ from .metrics import LatencyHistogram
 from .payload import TransformError, build_payload, idempotency_key, make_event
 from .retry import PauseGate
 from .schema import DELIVERED, FAILED, NOFILE
-from .source import ItemRow, LegacySource, Outcome
+from .source import ItemRow, LegacySource, Outcome, is_outage
 from .status import StatusBoard
 
 log = logging.getLogger(__name__)
 
 
 DB_RETRY_MAX = 10.0  # seconds between reconnection attempts during a database outage
+DB_REFUSED_REASON = ("o banco recusou o registro do monitor em _MonitorItems para estes itens "
+                     "(não é falta de conexão): confira no LIS os códigos desta solicitação e "
+                     "as restrições ou gatilhos criados em _MonitorItems; depois reenvie com "
+                     "retry_failed.py")
 
 
 class StartError(Exception):
@@ -44,6 +48,17 @@ class Group:
     cod: str
     rows: list[ItemRow]
     pending_key: str | None = None
+
+    @property
+    def ident(self) -> str:
+        """The solicitation, or the item when it has no CodSolicitacao (never grouped)."""
+        return self.cod or f"#item-{self.rows[0].item_id}"
+
+    @property
+    def problem(self) -> str | None:
+        """The data problems found while reading (duplicated rows that differ)."""
+        problems = dict.fromkeys(r.problem for r in self.rows if r.problem)
+        return "; ".join(problems) or None
 
     @property
     def unwritten(self) -> ItemRow | None:
@@ -138,6 +153,9 @@ class Monitor:
         self._last_success: float | None = None
         self._failed_cycles = 0
         self._dry_done: set[int] = set()
+        # items whose outcome the database refused to record (a data error in the monitor's
+        # own write): kept here so that the look-back window does not take them up again
+        self._settled_off_db: set[int] = set()
         # pipeline: pages whose jobs are still being sent, and what the checkpoint must wait for
         self._inflight: collections.deque[Batch] = collections.deque()
         self._inflight_ids: set[int] = set()
@@ -254,19 +272,19 @@ class Monitor:
             # see only the part of its group above the cursor; the window read has all of it
             from_window, after = True, self.window_low()
             page = self.source.read_page(after, self.settings.batch_size, with_state=True)
-        rows = [r for r in page.rows
-                if r.item_id not in self._inflight_ids and r.item_id not in self._dry_done]
+        rows = [r for r in page.rows if r.item_id not in self._inflight_ids
+                and r.item_id not in self._dry_done and r.item_id not in self._settled_off_db]
         now = self.clock()
         ready, held = [], []
         for group in group_rows(rows):
             (ready if group.pending_key or self._quiet(group, now) else held).append(group)
         if from_window and not page.full:  # a complete view: forget timers of what is gone
-            live = {g.cod for g in held}
+            live = {g.ident for g in held}
             self._first_seen = {c: v for c, v in self._first_seen.items() if c in live}
         result.ready, result.held = len(ready), len(held)
         jobs, deferred = self._build_jobs(ready)
         if not self.dry_run:
-            self.source.mark_sending((j.item_ids, j.cod, j.key) for j in jobs if not j.recovered)
+            self._mark_sending([j for j in jobs if not j.recovered])
 
         # Only now, with the "sending" records written, does the page count as read: if the
         # database failed above, nothing here moved and the same page is read again.
@@ -278,7 +296,9 @@ class Monitor:
         self._waiting.update(deferred)
         if page.full:
             self._bound = page.upper
-            self.high_water = max(self.high_water, page.upper)
+            # the rows above `upper` (the rest of the solicitations the limit cut) count too:
+            # the next read, from the cursor, covers everything between
+            self.high_water = max([self.high_water, page.upper] + [r.item_id for r in page.rows])
             self._cursor = page.upper
         else:
             self.high_water = max([self.high_water, self.checkpoint] + [r.item_id for r in page.rows])
@@ -305,9 +325,9 @@ class Monitor:
         if self.settings.debounce_seconds <= 0:
             return True
         signature = (max(group.item_ids), len(group.rows))
-        seen = self._first_seen.get(group.cod)
+        seen = self._first_seen.get(group.ident)
         if seen is None or seen[0] != signature:
-            self._first_seen[group.cod] = (signature, now)
+            self._first_seen[group.ident] = (signature, now)
             return False
         return now - seen[1] >= self.settings.debounce_seconds
 
@@ -321,6 +341,12 @@ class Monitor:
             except CatalogUnavailable as err:
                 log.warning("Catálogo /tests indisponível (%s): envio adiado.", err)
                 return jobs, [i for rest in groups[index:] for i in rest.item_ids]
+            except Exception as err:  # a bug in one group's handling costs that group only
+                log.exception("Erro inesperado ao preparar a solicitação %s", group.ident)
+                event = make_event(group.cod, None, None, [r.item for r in group.rows])
+                key = group.pending_key or idempotency_key(group.cod, group.item_ids)
+                jobs.append(self._failure_job(group.cod, key, group.item_ids, event,
+                                              f"erro inesperado ao preparar o pedido: {err!r}", group))
         # solicitations that already failed transiently go last, so one bad order cannot
         # keep the others waiting
         jobs.sort(key=lambda j: (self._attempts.get(j.key, 0) > 0, min(j.item_ids)))
@@ -340,6 +366,10 @@ class Monitor:
                                     "uma reinicialização", group)
             job.failure.http_status = row.pending_http
             return [job]
+        if group.problem:  # kept in the event: a replay must not send the copy picked here
+            key = group.pending_key or idempotency_key(cod, group.item_ids)
+            return [self._failure_job(cod, key, group.item_ids, dict(event, problema=group.problem),
+                                      group.problem, group)]
         try:
             built = build_payload(event, self.settings, self.catalog)
         except TransformError as err:
@@ -375,6 +405,41 @@ class Monitor:
         job.failure = FailureRecord(reason=reason, key=key, cod=cod, item_ids=list(item_ids),
                                     event=event)
         return job
+
+    # ------------------------------------------------------------------ recording "sending"
+    def _mark_sending(self, jobs: list[Job]) -> None:
+        """Record "sending" for the page's new jobs in one statement. When the database
+        refuses it for its data (not an outage), the jobs are written one by one and only
+        those it still refuses become failures; the others go on."""
+        try:
+            self.source.mark_sending((j.item_ids, j.cod, j.key) for j in jobs)
+            return
+        except sa.exc.DBAPIError as err:
+            if is_outage(err):
+                raise
+            items = count_items(sum(len(j.item_ids) for j in jobs))
+            log.warning("O banco recusou o registro \"enviando\" de %s (%s); registrando "
+                        "solicitação por solicitação.", items, _short(err))
+        for job in jobs:
+            try:
+                self.source.mark_sending([(job.item_ids, job.cod, job.key)])
+            except sa.exc.DBAPIError as err:
+                if is_outage(err):
+                    raise
+                self._refused_by_db(job, err)
+
+    def _refused_by_db(self, job: Job, err: Exception) -> None:
+        """The database refused the monitor's own record of this job: it is not sent, it
+        goes to FAILED_DIR, and this process does not take its items up again."""
+        self._settled_off_db.update(job.item_ids)
+        if self.failures.has_key(job.key):  # the same refusal, already filed (e.g. before a restart)
+            job.outcome = FAILED
+            return
+        if job.failure is None:
+            job.payload = None
+            job.failure = FailureRecord(
+                reason=f"{DB_REFUSED_REASON} ({_short(err)})", key=job.key, cod=job.cod,
+                item_ids=list(job.item_ids), event=job.event)
 
     # ------------------------------------------------------------------ sending
     def _dispatch(self, jobs: list[Job], result: CycleResult) -> None:
@@ -531,8 +596,8 @@ class Monitor:
         self.stats.reasons[record.reason.split(":")[0][:80]] += 1
         took = f", {job.delivery.duration * 1000:.0f} ms" if job.delivery else ""
         log.error("Solicitação %s falhou: %s, HTTP %s, chave %s%s: %s. Arquivo: %s",
-                  job.cod, count_items(len(job.item_ids)), record.http_status, job.key, took,
-                  record.reason, path)
+                  job.cod or "(sem CodSolicitacao)", count_items(len(job.item_ids)),
+                  record.http_status, job.key, took, record.reason, path)
 
     def _forget(self, key: str) -> None:
         self._attempts.pop(key, None)
@@ -569,6 +634,8 @@ class Monitor:
             self.checkpoint = target
             self._dry_done = {i for i in self._dry_done if i > target}
             return
+        low = self.window_low()
+        self._settled_off_db = {i for i in self._settled_off_db if i > low}
         if self._unrecorded or changed:
             outcomes, self._unrecorded = self._unrecorded, []
             # records below the prune line are deleted, so the look-back window must never
@@ -576,8 +643,7 @@ class Monitor:
             prune = target - 2 * self.settings.lookback_items if changed else None
             floor = prune if prune is not None and prune > self.floor else None
             try:
-                self.source.record(outcomes, target if changed else None,
-                                   prune_below=floor, floor=floor)
+                self._record(outcomes, target if changed else None, floor)
             except Exception:
                 self._unrecorded = outcomes + self._unrecorded
                 raise
@@ -585,6 +651,33 @@ class Monitor:
                 self.floor = floor
         self.checkpoint = target
         self.status.progress(target, len(self._waiting) + len(self._inflight_ids), self._cursor is not None)
+
+    def _record(self, outcomes: list[Outcome], checkpoint: int | None, floor: int | None) -> None:
+        """Outcomes and checkpoint in one transaction. When the database refuses it for its
+        data (not an outage), the outcomes are written one by one (writing one twice is
+        harmless) and those it still refuses are logged and kept in memory, so that the
+        others and the checkpoint go on."""
+        try:
+            self.source.record(outcomes, checkpoint, prune_below=floor, floor=floor)
+            return
+        except sa.exc.DBAPIError as err:
+            if is_outage(err) or not outcomes:
+                raise
+            log.warning("O banco recusou a gravação dos resultados (%s); gravando solicitação "
+                        "por solicitação.", _short(err))
+        for outcome in outcomes:
+            try:
+                self.source.record([outcome], None)
+            except sa.exc.DBAPIError as err:
+                if is_outage(err):
+                    raise
+                self._settled_off_db.update(outcome.item_ids)
+                log.error("Solicitação %s: o banco recusou gravar o resultado '%s' em _MonitorItems "
+                          "(%s; não é falta de conexão). Confira restrições ou gatilhos criados "
+                          "nessa tabela. Este processo não a reenvia; após reiniciar, um reenvio "
+                          "usa a mesma chave %s e não duplica nada.",
+                          outcome.cod, outcome.status, _short(err), outcome.key)
+        self.source.record([], checkpoint, prune_below=floor, floor=floor)
 
     # ------------------------------------------------------------------ the loop
     def run(self, mode: str = "loop") -> int:
@@ -600,6 +693,12 @@ class Monitor:
                 if is_query_timeout(err):  # blocked behind a LIS transaction: not an outage
                     log.warning("%s", describe_query_timeout(self.settings))
                     self.gate.sleep(self.settings.poll_seconds)
+                    continue
+                if not is_outage(err):  # the database answered: a statement it refused
+                    log.error("O banco de dados recusou um comando do monitor (%s); não é falta "
+                              "de conexão. Nova tentativa em %.0f s.", _short(err), backoff)
+                    self.gate.sleep(backoff)
+                    backoff = min(backoff * 2, 60.0)
                     continue
                 if not self._db_down:
                     log.error("Banco de dados indisponível (%s). Tentando reconectar; nada é "
@@ -645,10 +744,11 @@ def count_items(n: int) -> str:
 
 
 def group_rows(rows: list[ItemRow]) -> list[Group]:
-    """Rows -> groups by (solicitation, pending key), ordered by their lowest item id."""
-    groups: dict[tuple[str, str | None], Group] = {}
+    """Rows -> groups by (solicitation, pending key), ordered by their lowest item id. An
+    item without CodSolicitacao is a group of its own: nothing says it belongs with others."""
+    groups: dict[tuple, Group] = {}
     for row in rows:
-        key = (row.cod, row.pending_key)
+        key = (row.cod, row.pending_key, None if row.cod else row.item_id)
         group = groups.get(key)
         if group is None:
             groups[key] = Group(row.cod, [row], row.pending_key)

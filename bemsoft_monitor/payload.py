@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import logging
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Iterable, Protocol
 
@@ -18,6 +19,8 @@ from .config import Settings, normalize_code
 log = logging.getLogger(__name__)
 
 TEXT_LIMIT = 255  # additionalInformations values are cut here; the API stores short text
+NO_COD_REASON = ("item sem CodSolicitacao (ItemSol.CodSolicitacao vazio): vincule o item à "
+                 "sua solicitação no LIS")
 
 
 class TransformError(Exception):
@@ -47,12 +50,33 @@ def make_event(cod: str, solicitacao: dict | None, paciente: dict | None,
             "items": sorted(items, key=lambda i: int(i["CodItemSol"]))}
 
 
-def idempotency_key(cod: str, item_ids: Iterable[int], suffix: str = "") -> str:
+def idempotency_key(cod, item_ids: Iterable[int], suffix: str = "") -> str:
     """`sol-<cod>-<hash of the sorted item ids>`: a re-send of the same items gets the same
-    key (the server dedupes); items added later get a new one (SPEC §5.2, §5.6)."""
+    key (the server dedupes); items added later get a new one (SPEC §5.2, §5.6). `<cod>` is
+    the code's safe token (see `external_token`), so the header is ASCII whatever the LIS
+    holds."""
     ids = ",".join(str(i) for i in sorted(int(x) for x in item_ids))
     digest = hashlib.sha256(ids.encode()).hexdigest()[:12]
-    return f"sol-{cod}-{digest}{suffix}"
+    return f"sol-{external_token(cod)}-{digest}{suffix}"
+
+
+_PLAIN_TOKEN = re.compile(r"[0-9A-Za-z_-]{1,14}")
+_NOT_ALNUM = re.compile(r"[^0-9A-Za-z]+")
+
+
+def external_token(value) -> str:
+    """A legacy code as it goes into external ids, Idempotency-Keys and the monitor's own
+    tables. A short plain code (`[0-9A-Za-z_-]`, at most 14 characters: every INT code) is
+    kept as it is, byte for byte. Anything else (accents, spaces, slashes, line breaks, a
+    long text) becomes `<its first ASCII letters/digits, up to 5>.<8 hex of its SHA-256>`;
+    the `.` marks that form, so it never equals a plain code. At most 14 characters, so
+    `order-<token>` stays within the 20 the API accepts (SPEC §5.4)."""
+    text = _external_num(value) or ""
+    if _PLAIN_TOKEN.fullmatch(text):
+        return text
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    slug = _NOT_ALNUM.sub("-", ascii_text).strip("-")[:5].strip("-") or "x"
+    return f"{slug}.{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
 
 
 # ------------------------------------------------------------------ value parsing
@@ -197,9 +221,9 @@ def build_patient(event: dict, settings: Settings) -> dict:
     cod_pac = _external_num(pac.get("codpaciente")) or _external_num(sol.get("codpaciente"))
     cpf = digits(pac.get("cpf"))
     if cod_pac:
-        external_id = f"pat-{cod_pac}"
+        external_id = f"pat-{external_token(cod_pac)}"
     elif cpf:
-        external_id = f"cpf-{cpf}"
+        external_id = f"cpf-{external_token(cpf)}"
     else:
         raise TransformError("paciente sem codpaciente e sem CPF: não há como identificá-lo")
     name = clean_text(pac.get("nome"))
@@ -232,7 +256,7 @@ def build_test(item: dict, batch_at: dt.datetime, settings: Settings,
     collected = collected or parse_datetime(item.get("DataEntrada")) or batch_at
     collected = min(collected.replace(microsecond=0), batch_at)
     return {
-        "externalId": f"item-{_external_num(item.get('CodItemSol'))}",
+        "externalId": f"item-{_external_num(item.get('CodItemSol'))}",  # an int: the cursor
         "collectionDate": collected.date().isoformat(),
         "collectionTime": collected.time().isoformat(),
         "supportTestId": test_id,
@@ -251,9 +275,12 @@ def build_test(item: dict, batch_at: dt.datetime, settings: Settings,
 def build_payload(event: dict, settings: Settings, specimens: SpecimenSource) -> BuiltPayload:
     """Event -> payload. Raises TransformError (whole solicitation) or lets the catalog's
     CatalogUnavailable through (transient: try again later)."""
-    cod = _external_num(event.get("cod_solicitacao"))
-    if not cod:
-        raise TransformError("item sem CodSolicitacao")
+    if event.get("problema"):  # duplicated LIS rows that differ (see source.unique_rows)
+        raise TransformError(f"{event['problema']} (no arquivo de falha: deixe em 'event' os "
+                             "dados certos e apague o campo 'problema' antes de reenviar)")
+    if not _external_num(event.get("cod_solicitacao")):
+        raise TransformError(NO_COD_REASON)
+    cod = external_token(event.get("cod_solicitacao"))
     patient = build_patient(event, settings)
     items = event.get("items") or []
     moments = [parse_datetime(i.get("DataEntrada")) for i in items]  # parsed once

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -14,6 +15,7 @@ from typing import Iterable, Sequence
 import sqlalchemy as sa
 
 from .db import monitor_schema_map
+from .payload import external_token
 from .schema import (DELIVERED, FAILED, NOFILE, SENDING, item_sol, monitor_items, monitor_metadata,
                      monitor_state, paciente, solicitacao)
 
@@ -55,6 +57,8 @@ class ItemRow:
     pending_status: str | None = None   # SENDING or NOFILE
     pending_reason: str | None = None
     pending_http: int | None = None
+    problem: str | None = None   # a data problem that fails its solicitation (pt-BR reason)
+    duplicated: bool = False     # the joins returned this item more than once
 
 
 @dataclass
@@ -79,6 +83,8 @@ class LegacySource:
             schema_translate_map=monitor_schema_map(engine.dialect.name))
         self.name = name
         self.terceiros = list(terceiros)
+        self._fanned_out: set[int] = set()        # items whose duplicate rows were examined
+        self._warned: set[tuple[str, object]] = set()  # duplicated keys already logged
 
     # ----------------------------------------------------------------- monitor tables
     def state_tables_exist(self) -> bool:
@@ -156,16 +162,56 @@ class LegacySource:
 
     def read_page(self, after_id: int, limit: int, with_state: bool = True) -> Page:
         """One indexed range query; when it fills the page, one more query fetches the rest
-        of the solicitations it cut, so that no solicitation is split by the page limit."""
+        of the solicitations it cut, so that no solicitation is split by the page limit.
+        The rows come back unique by CodItemSol whatever the joins returned (see `unique_rows`)."""
         with self.engine.connect() as conn:
             rows = [self._row(r) for r in conn.execute(self.page_statement(after_id, limit, with_state))]
-            page = Page(rows=rows, full=len(rows) >= limit,
-                        upper=rows[-1].item_id if rows else None)
+            page = Page(full=len(rows) >= limit, upper=rows[-1].item_id if rows else None)
             if page.full:
                 raw_cods = {r.item["CodSolicitacao"] for r in rows}
-                extra = conn.execute(self.followup_statement(raw_cods, page.upper, with_state))
-                page.rows.extend(self._row(r) for r in extra)
+                # the last item is read again, whole: the limit may have cut its duplicate rows
+                extra = [self._row(r) for r in conn.execute(
+                    self.followup_statement(raw_cods, page.upper - 1, with_state))]
+                if any(r.item_id == page.upper for r in extra):  # not when its key is NULL
+                    rows = [r for r in rows if r.item_id != page.upper]
+                rows += extra
+            page.rows = unique_rows(rows)
+            fanned = {r.item_id for r in page.rows if r.duplicated} - self._fanned_out
+            if fanned:
+                self._warn_duplicates(conn, [r for r in page.rows if r.item_id in fanned])
+                self._fanned_out |= fanned
         return page
+
+    @staticmethod
+    def duplicates_statement(table_name: str, column: str, keys: Sequence):
+        """The keys among `keys` that more than one row of the legacy table holds."""
+        table = {"ItemSol": item_sol, "solicitacao": solicitacao, "paciente": paciente}[table_name]
+        col = table.c[column]
+        return (sa.select(col, sa.func.count()).where(col.in_(list(keys)))
+                .group_by(col).having(sa.func.count() > 1))
+
+    def _warn_duplicates(self, conn, rows: list[ItemRow]) -> None:
+        """Name the duplicated LIS keys behind a fan-out, once per process. Runs only when a
+        join returned an item more than once (a table without a primary key)."""
+        candidates = {
+            ("ItemSol", "CodItemSol"): {r.item_id for r in rows},
+            ("solicitacao", "codsolicitacao"): {r.item["CodSolicitacao"] for r in rows} - {None},
+            ("paciente", "codpaciente"): {(r.solicitacao or {}).get("codpaciente") for r in rows} - {None},
+        }
+        found = []
+        for (table_name, column), keys in candidates.items():
+            keys = [k for k in keys if (table_name, k) not in self._warned]
+            if not keys:
+                continue
+            for key, count in conn.execute(self.duplicates_statement(table_name, column, keys)):
+                self._warned.add((table_name, jsonable(key)))
+                found.append(f"{table_name}.{column}={jsonable(key)} ({count} linhas)")
+        if found:
+            shown = ", ".join(found[:20]) + (f" e mais {len(found) - 20}" if len(found) > 20 else "")
+            log.warning("Linhas duplicadas no banco do LIS (tabela sem chave primária?): %s. O "
+                        "monitor usa uma só linha por item, sempre a mesma; se as cópias "
+                        "diferirem, a solicitação vai para FAILED_DIR. Apague as linhas "
+                        "duplicadas no LIS.", shown)
 
     @staticmethod
     def _row(r) -> ItemRow:
@@ -174,7 +220,8 @@ class LegacySource:
         item = dict(zip(ITEM_FIELDS, v[:_SOL_AT]))
         sol = None if v[_SOL_AT] is None else dict(zip(SOL_FIELDS, v[_SOL_AT:_PAC_AT]))
         pac = None if v[_PAC_AT] is None else dict(zip(PAC_FIELDS, v[_PAC_AT:_STATE_AT]))
-        row = ItemRow(item_id=int(v[0]), cod=str(v[1]), item=item, solicitacao=sol, paciente=pac)
+        row = ItemRow(item_id=int(v[0]), cod="" if v[1] is None else str(v[1]), item=item,
+                      solicitacao=sol, paciente=pac)
         if len(v) > _STATE_AT and v[_STATE_AT] in (SENDING, NOFILE):
             row.pending_status, row.pending_key = v[_STATE_AT], v[_STATE_AT + 1]
             row.pending_reason, row.pending_http = v[_STATE_AT + 2], v[_STATE_AT + 3]
@@ -184,7 +231,7 @@ class LegacySource:
     def mark_sending(self, groups: Iterable[tuple[Sequence[int], str, str]]) -> None:
         """Record "sending" (with its key) for items that have no record yet, before the POST."""
         now = _utcnow()
-        rows = [{"Name": self.name, "CodItemSol": item_id, "CodSolicitacao": cod,
+        rows = [{"Name": self.name, "CodItemSol": item_id, "CodSolicitacao": external_token(cod),
                  "Status": SENDING, "IdemKey": key, "UpdatedAt": now}
                 for item_ids, cod, key in groups for item_id in item_ids]
         if rows:
@@ -237,6 +284,7 @@ class LegacySource:
         return {
             "page": self.page_statement(0, 500),
             "followup": self.followup_statement([1, 2], 0),
+            "duplicates": self.duplicates_statement("paciente", "codpaciente", [1, 2]),
             "page_dry_run": self.page_statement(0, 500, with_state=False),
             "mark_sending": monitor_items.insert(),
             "outcome": self.outcome_statement([1, 2], DELIVERED, now),
@@ -274,6 +322,58 @@ class LegacySource:
     def max_recorded_id(self) -> int:
         """Highest item with a recorded outcome (the checkpoint may lag behind it)."""
         return int(self._scalar(self.max_recorded_statement()) or 0)
+
+
+def is_outage(err: BaseException) -> bool:
+    """Whether a database error means the database cannot be reached (connection refused or
+    lost, login, timeout): waiting and retrying helps. Any other database error is a
+    statement the database answered and refused (integrity, data, SQL): retrying the same
+    thing will not help, so it is never reported as "banco de dados indisponível"."""
+    if isinstance(err, sa.exc.DBAPIError) and err.connection_invalidated:
+        return True
+    return isinstance(err, (sa.exc.OperationalError, sa.exc.InterfaceError,
+                            sa.exc.DisconnectionError))
+
+
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def unique_rows(rows: list[ItemRow]) -> list[ItemRow]:
+    """One row per CodItemSol, in the order read. When a join returned an item several
+    times (a duplicated `paciente`, `solicitacao` or `ItemSol` row), the row kept is the
+    smallest by its canonical JSON (item, then solicitation, then patient): the same one
+    whatever order the database returned them in. Copies that differ in a column the
+    monitor reads cannot be told apart safely: the row gets a `problem` naming them, and
+    its solicitation goes to FAILED_DIR."""
+    by_id: dict[int, list[ItemRow]] = {}
+    for row in rows:
+        by_id.setdefault(row.item_id, []).append(row)
+    unique = []
+    for item_id, copies in by_id.items():
+        if len(copies) == 1:
+            unique.append(copies[0])
+            continue
+        keyed = [((_canonical(r.item), _canonical(r.solicitacao), _canonical(r.paciente)), r)
+                 for r in copies]
+        chosen = min(keyed, key=lambda pair: pair[0])[1]
+        chosen.duplicated = True
+        problems = []
+        for part, table, label, key in (
+                ("item", "ItemSol", "item", item_id),
+                ("solicitacao", "solicitacao", "solicitação", chosen.cod),
+                ("paciente", "paciente", "paciente", (chosen.solicitacao or {}).get("codpaciente"))):
+            values = [getattr(r, part) or {} for r in copies]
+            differing = sorted({f for v in values for f in v
+                                if len({_canonical(x.get(f)) for x in values}) > 1})
+            if differing:
+                problems.append(f"{label} {key} aparece mais de uma vez na tabela {table} com "
+                                f"dados diferentes (colunas {', '.join(differing)}): apague a "
+                                "linha duplicada errada no LIS")
+        if problems:
+            chosen.problem = "; ".join(problems)
+        unique.append(chosen)
+    return unique
 
 
 def checkpoint_read_statement(name: str):

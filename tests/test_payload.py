@@ -29,6 +29,7 @@ from bemsoft_monitor.payload import (
     BuiltPayload,
     TransformError,
     build_payload,
+    external_token,
     idempotency_key,
     make_event,
 )
@@ -513,6 +514,42 @@ def test_idempotency_key_is_stable_for_the_same_ids_in_any_order():
     assert re.fullmatch(r"sol-43335-[0-9a-f]{6,16}", key)
 
 
+def test_idempotency_key_of_a_numeric_code_is_unchanged_byte_for_byte():
+    """Installations have these keys recorded: a crash re-send must reuse them. Literals
+    computed once by hand (sha256 of "90001,90002,90003" and of "7"), not by the code."""
+    assert idempotency_key("43335", [90003, 90001, 90002]) == "sol-43335-0b6099a16460"
+    assert idempotency_key(43335, [90001, 90002, 90003]) == "sol-43335-0b6099a16460"
+    assert idempotency_key("7", [7]) == "sol-7-7902699be42c"
+    assert idempotency_key("7", [7], "-r1") == "sol-7-7902699be42c-r1"
+
+
+@pytest.mark.parametrize("code, token", [
+    ("43335", "43335"),
+    (43335, "43335"),
+    ("43335.0", "43335"),           # a numeric driver value
+    (" 43335 ", "43335"),           # CHAR padding
+    ("12345678901234", "12345678901234"),
+    ("AB_12-x", "AB_12-x"),
+    ("123456789012345", "12345.e27a7686"),   # 15 characters: too long for `order-<cod>`
+    ("SOL 1/2", "SOL-1.70ae4589"),
+    ("Ação 12", "Acao.612f5a4d"),
+    ("12\n34", "12-34.96b2919f"),
+    ("abc def ghi jkl mno", "abc-d.fb4e3f6c"),
+    ("中文", "x.72726d88"),
+])
+def test_external_token_keeps_plain_codes_and_hashes_the_rest(code, token):
+    """Pinned literals (the hash part is sha256 of the trimmed code, computed by hand)."""
+    assert external_token(code) == token
+
+
+@given(st.one_of(st.text(), st.integers(), st.floats(allow_nan=False)))
+def test_keys_and_ids_are_ascii_safe_and_short_for_any_code(code):
+    token = external_token(code)
+    assert re.fullmatch(r"[0-9A-Za-z._-]{1,14}", token)
+    key = idempotency_key(code, [1, 2])
+    assert re.fullmatch(r"[0-9A-Za-z._-]+", key) and len(key) <= 4 + 14 + 13
+
+
 def test_idempotency_key_changes_when_ids_or_solicitation_change():
     key = idempotency_key("43335", [90001, 90002, 90003])
     assert idempotency_key("43335", [90001, 90002]) != key
@@ -682,7 +719,9 @@ def check_shape(built: BuiltPayload, event: dict) -> None:
     patient = order["patient"]
     assert patient["gender"] in ("M", "F")
     check_date(patient["birthDate"])
-    assert re.fullmatch(r"(pat-.+|cpf-\d+)", patient["externalId"], re.DOTALL)
+    # ASCII-safe and short whatever the legacy code holds (SPEC §5.4)
+    assert re.fullmatch(r"(pat|cpf)-[0-9A-Za-z._-]{1,14}", patient["externalId"])
+    assert re.fullmatch(r"sol-[0-9A-Za-z._-]{1,14}", batch["externalId"])
     assert isinstance(patient["name"], str) and patient["name"]
     assert patient["weight"] == 0 and patient["height"] == 0
     assert [t["externalId"] for t in order["tests"]] == [f"item-{i}" for i in built.item_ids]

@@ -46,6 +46,13 @@ def test_followup_query_fetches_the_rest_of_cut_solicitations(statements):
     assert "TOP" not in sql
 
 
+def test_duplicates_query_is_a_plain_group_by(statements):
+    """Runs only when a join returned an item twice, to name the duplicated keys."""
+    assert tsql(statements["duplicates"]) == (
+        "SELECT paciente.codpaciente, count(*) AS count_1 FROM paciente WHERE paciente.codpaciente "
+        "IN (:codpaciente_1_1, :codpaciente_1_2) GROUP BY paciente.codpaciente HAVING count(*) > :count_2")
+
+
 def test_dry_run_page_does_not_touch_monitor_tables(statements):
     assert "_Monitor" not in tsql(statements["page_dry_run"])
 

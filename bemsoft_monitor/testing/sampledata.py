@@ -22,37 +22,64 @@ TSQL_TYPES = {
     "Obs_Sol": mssql.TEXT(), "nome": mssql.NVARCHAR(200), "cidade": mssql.NVARCHAR(80),
     "uf": mssql.CHAR(2),
 }
+_CODE_COLUMNS = {"CodSolicitacao", "codsolicitacao", "codpaciente"}
 
 
-def mssql_legacy_metadata() -> sa.MetaData:
-    """The legacy tables as a real LIS has them on SQL Server: INT IDENTITY, DATETIME,
-    VARCHAR (code-page text, accents included) and NVARCHAR, MONEY and TEXT."""
+def legacy_variant(*, primary_keys: bool = True, text_codes: bool = False,
+                   tsql_types: bool = False) -> sa.MetaData:
+    """The legacy tables as some real LIS has them. `primary_keys=False`: `solicitacao` and
+    `paciente` without keys (duplicated rows are then possible; `ItemSol.CodItemSol` stays
+    the identity column the monitor pages on). `text_codes=True`: codsolicitacao/codpaciente
+    as text (NVARCHAR). `tsql_types=True`: INT IDENTITY, DATETIME, VARCHAR (code-page text,
+    accents included) and NVARCHAR, MONEY and TEXT, as on SQL Server."""
     metadata = sa.MetaData()
     for table in legacy_metadata.sorted_tables:
-        for column in table.to_metadata(metadata).columns:
-            column.type = TSQL_TYPES.get(column.name, column.type)
+        keep = primary_keys or table.name == "ItemSol"
+        columns = []
+        for c in table.columns:
+            kind = TSQL_TYPES.get(c.name, c.type) if tsql_types else c.type
+            if text_codes and c.name in _CODE_COLUMNS:
+                kind = sa.Unicode(300)
+            columns.append(sa.Column(c.name, kind, primary_key=keep and c.primary_key,
+                                     autoincrement=c.autoincrement if keep else False,
+                                     index=c.index))
+        sa.Table(table.name, metadata, *columns)
     return metadata
 
 
-def create_legacy_schema(engine: sa.Engine, *, drop: bool = False) -> None:
-    """The LIS tables; on SQL Server with the T-SQL types a real LIS uses. Inserts go
-    through ITEM_SOL & co. either way (SQLAlchemy wraps an explicit CodItemSol in
-    SET IDENTITY_INSERT on SQL Server)."""
-    metadata = mssql_legacy_metadata() if engine.dialect.name == "mssql" else legacy_metadata
+def mssql_legacy_metadata() -> sa.MetaData:
+    """The legacy tables with the T-SQL types a real LIS uses on SQL Server."""
+    return legacy_variant(tsql_types=True)
+
+
+def create_legacy_schema(engine: sa.Engine, *, drop: bool = False, primary_keys: bool = True,
+                         text_codes: bool = False) -> None:
+    """The LIS tables (see legacy_variant); on SQL Server with the T-SQL types a real LIS
+    uses. Inserts go through ITEM_SOL & co. either way (SQLAlchemy wraps an explicit
+    CodItemSol in SET IDENTITY_INSERT on SQL Server)."""
+    tsql = engine.dialect.name == "mssql"
+    metadata = (legacy_metadata if primary_keys and not text_codes and not tsql
+                else legacy_variant(primary_keys=primary_keys, text_codes=text_codes,
+                                    tsql_types=tsql))
     if drop:
         metadata.drop_all(engine)
     metadata.create_all(engine)
 
 
+def _code(value):
+    """A text code goes in as text (a LIS may keep its codes in VARCHAR columns)."""
+    return sa.bindparam(None, value, type_=sa.String) if isinstance(value, str) else value
+
+
 def add_patient(conn, codpaciente: int, nome: str | None, *, cpf: str | None = None,
                 datanasc=None, sexo: str | None = None, **extra) -> None:
-    conn.execute(PACIENTE.insert().values(codpaciente=codpaciente, nome=nome, cpf=cpf,
+    conn.execute(PACIENTE.insert().values(codpaciente=_code(codpaciente), nome=nome, cpf=cpf,
                                           datanasc=datanasc, sexo=sexo, **extra))
 
 
 def add_order(conn, cod: int, codpaciente: int | None, *, dtaentrada=None, hora=None,
               **extra) -> None:
-    conn.execute(SOLICITACAO.insert().values(codsolicitacao=cod, codpaciente=codpaciente,
+    conn.execute(SOLICITACAO.insert().values(codsolicitacao=_code(cod), codpaciente=_code(codpaciente),
                                              dtaentrada=dtaentrada, Hora=hora, **extra))
 
 
@@ -62,7 +89,7 @@ def add_items(conn, cod: int, items: Iterable[dict], *, terceirizado: str,
     CodItemSol/DataEntrada); returns the ids the database gave them."""
     ids = []
     for item in items:
-        values = {"CodSolicitacao": cod, "NomeTerceirizado": terceirizado,
+        values = {"CodSolicitacao": _code(cod), "NomeTerceirizado": terceirizado,
                   "DataEntrada": entered_at, "SituacaoResultado": "PENDENTE", **item}
         result = conn.execute(ITEM_SOL.insert().values(**values))
         ids.append(int(values.get("CodItemSol") or result.inserted_primary_key[0]))
