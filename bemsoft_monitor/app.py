@@ -46,8 +46,10 @@ def private_folders(settings: Settings) -> list[Path]:
 def protect_private_data(settings: Settings) -> None:
     """Patient data stays with its owner. POSIX: umask 077 for everything this process
     creates (log files 0600, folders 0700), and FAILED_DIR and an existing log file closed to
-    others. Windows: FAILED_DIR and the log folder restricted with icacls to SYSTEM,
-    Administrators and the account running the monitor."""
+    others. Windows: FAILED_DIR and the log folder closed to Everyone, Authenticated Users
+    and Users with icacls, keeping SYSTEM, Administrators, the account running this process
+    and whoever the installer granted (the service account). DRY_RUN writes nothing, ACLs
+    included."""
     log = logging.getLogger(__name__)
     folders = private_folders(settings)
     if os.name != "nt":
@@ -59,6 +61,8 @@ def protect_private_data(settings: Settings) -> None:
                     os.chmod(path, mode)
                 except OSError as err:
                     log.warning("Não foi possível restringir %s (%s).", path, err)
+        return
+    if settings.dry_run:
         return
     for folder in folders:
         try:
@@ -77,11 +81,23 @@ def protect_private_data(settings: Settings) -> None:
                         "guarda dados de pacientes: restrinja-a manualmente.", command[1], detail)
 
 
+# Everyone, Authenticated Users, BUILTIN\Users (language-independent SIDs)
+BROAD_SIDS = ("*S-1-1-0", "*S-1-5-11", "*S-1-5-32-545")
+
+
 def icacls_commands(folders, account: str) -> list[list[str]]:
-    """One icacls call per folder: inherited permissions removed, full control for SYSTEM,
-    Administrators and `account` (a `*SID` or a name), inherited by files and subfolders."""
+    """Three icacls calls per folder, in order: inherited entries turned into explicit copies
+    (so the service account the installer granted on the project keeps its access, whoever
+    runs this — an administrator replaying failures from an elevated prompt included); full
+    control for SYSTEM, Administrators and `account` (a `*SID` or a name) added, inherited
+    by files and subfolders; then every entry of the broad groups removed."""
     grants = [f"{sid}:(OI)(CI)F" for sid in dict.fromkeys([SYSTEM_SID, ADMINISTRATORS_SID, account])]
-    return [["icacls", str(folder), "/inheritance:r", "/grant:r", *grants] for folder in folders]
+    commands = []
+    for folder in folders:
+        commands += [["icacls", str(folder), "/inheritance:d"],
+                     ["icacls", str(folder), "/grant", *grants],
+                     ["icacls", str(folder), "/remove:g", *BROAD_SIDS]]
+    return commands
 
 
 def current_account() -> str:

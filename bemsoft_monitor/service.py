@@ -264,6 +264,8 @@ def spawn(job: Job, argv: list[str]) -> subprocess.Popen:
     rotate(job.log_file)
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
     with open(job.log_file, "ab") as log:
+        if os.name != "nt":  # left readable by an older version
+            os.chmod(job.log_file, 0o600)
         stamp = dt.datetime.now().isoformat(sep=" ", timespec="seconds")
         log.write(f"--- {stamp} iniciando {job.name}\n".encode("utf-8"))
         log.flush()
@@ -346,6 +348,8 @@ def main(argv=None, out=None, err=None) -> int:
     if rest and parsed.action != "start":
         print(f"Uso: '{parsed.action}' não recebe argumentos (recebido: {' '.join(rest)})", file=err)
         return 2
+    if os.name != "nt":  # the job's output log gets warnings with patient data: owner only
+        os.umask(0o077)
     try:
         job = Job(parsed.job, load_service_settings())
         if parsed.action == "start":

@@ -199,13 +199,20 @@ class LegacySource:
             ("paciente", "codpaciente"): {(r.solicitacao or {}).get("codpaciente") for r in rows} - {None},
         }
         found = []
-        for (table_name, column), keys in candidates.items():
-            keys = [k for k in keys if (table_name, k) not in self._warned]
-            if not keys:
-                continue
-            for key, count in conn.execute(self.duplicates_statement(table_name, column, keys)):
-                self._warned.add((table_name, jsonable(key)))
-                found.append(f"{table_name}.{column}={jsonable(key)} ({count} linhas)")
+        try:
+            for (table_name, column), keys in candidates.items():
+                keys = [k for k in keys if (table_name, k) not in self._warned]
+                for start in range(0, len(keys), OUTCOME_CHUNK):  # SQL Server: <= 2100 parameters
+                    chunk = keys[start:start + OUTCOME_CHUNK]
+                    for key, count in conn.execute(self.duplicates_statement(table_name, column, chunk)):
+                        self._warned.add((table_name, jsonable(key)))
+                        found.append(f"{table_name}.{column}={jsonable(key)} ({count} linhas)")
+        except sa.exc.DBAPIError as err:
+            if is_outage(err):
+                raise
+            # only a warning: the page it belongs to is read and sent all the same
+            log.warning("Não foi possível listar as linhas duplicadas do LIS (%s).",
+                        str(getattr(err, "orig", err)).splitlines()[0][:200])
         if found:
             shown = ", ".join(found[:20]) + (f" e mais {len(found) - 20}" if len(found) > 20 else "")
             log.warning("Linhas duplicadas no banco do LIS (tabela sem chave primária?): %s. O "

@@ -14,13 +14,14 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from bemsoft_monitor.app import (SHUTDOWN_SIGNALS, console_event_swallowed, install_signal_handlers,
                                  setup_logging, shutdown_handler)
 from bemsoft_monitor.service import PidRecord, command_line_names, is_running, process_started
-from conftest import ROOT, run, wait_until
+from conftest import ROOT, run, subprocess_env, wait_until
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="the end-to-end launcher tests read /proc")
@@ -31,11 +32,9 @@ ODD_DIR = "pasta com espaço (teste) ação"
 @pytest.fixture
 def launcher_env(tmp_path):
     """Run and log folders with spaces, parentheses and accents."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BEMSOFT_", "DB_", "DATABASE_"))}
-    env.update(MONITOR_RUN_DIR=str(tmp_path / ODD_DIR / "run"),
-               MONITOR_LOG_DIR=str(tmp_path / ODD_DIR / "logs"),
-               PYTHON=sys.executable, START_CHECK_SECONDS="1", STOP_TIMEOUT="30")
-    return env
+    return subprocess_env(MONITOR_RUN_DIR=str(tmp_path / ODD_DIR / "run"),
+                          MONITOR_LOG_DIR=str(tmp_path / ODD_DIR / "logs"),
+                          PYTHON=sys.executable, START_CHECK_SECONDS="1", STOP_TIMEOUT="30")
 
 
 def sh(script, *args, env, root=ROOT):
@@ -93,6 +92,9 @@ def test_start_refuses_a_second_start_and_stop_is_graceful(env_file, legacy, api
     log = (tmp_path / "logs" / "monitor.log").read_text(encoding="utf-8")
     assert "Arquivo de parada" in log                                   # the stop file, not a kill
     assert "Monitor encerrado: 1 solicitações entregues" in log
+    out_log = Path(launcher_env["MONITOR_LOG_DIR"]) / "monitor.out.log"   # warnings: patient data
+    assert out_log.stat().st_mode & 0o777 == 0o600
+    assert out_log.parent.stat().st_mode & 0o777 == 0o700
     assert sh("stop_monitor.sh", env=launcher_env).stdout.strip() == "monitor não está rodando."
     status = service("status", "monitor", env=launcher_env)
     assert status.returncode == 3 and "não está rodando" in status.stdout
