@@ -32,6 +32,7 @@ ERROR_KEYS = ("error", "errors", "erro", "erros")
 TRANSIENT_4XX = {408, 425, 429}
 BODY_LIMIT = 1000            # characters of an answer kept in reasons and failure files
 BODY_CAP = 1024 * 1024       # bytes of an answer read at most; the rest is discarded
+CATALOG_CAP = 64 * 1024 * 1024  # GET /tests: a support lab's whole catalog is large
 READ_CHUNK = 64 * 1024
 UNEXPECTED = "resposta inesperada: não parece ser a API (proxy/portal?)"
 # retries are ours (RetryPolicy, with Retry-After and the shared pause); urllib3 raises the
@@ -49,6 +50,7 @@ class Answer:
     status: int
     body: bytes
     retry_after: str | None
+    truncated: bool = False   # longer than the cap: `body` is its beginning only
 
 
 def build_ssl_context(settings: Settings) -> ssl.SSLContext:
@@ -181,7 +183,8 @@ class Transport:
         parts = urlsplit(url)
         return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
-    def request(self, method: str, target: str, body: bytes | None, headers: dict) -> Answer:
+    def request(self, method: str, target: str, body: bytes | None, headers: dict,
+                cap: int = BODY_CAP) -> Answer:
         if self._proxy_headers:
             headers = {**self._proxy_headers, **headers}
         deadline = time.monotonic() + self.timeout
@@ -192,7 +195,7 @@ class Transport:
         except urllib3.exceptions.HTTPError as err:
             raise self._failure(err) from err
         try:
-            data = self._read(resp, deadline)
+            data, truncated = self._read(resp, deadline, cap)
         except (urllib3.exceptions.HTTPError, OSError) as err:
             resp.close()
             raise self._failure(err) from err
@@ -200,7 +203,7 @@ class Transport:
             if self.deadlines.finish():
                 resp.close()
             resp.release_conn()
-        return Answer(resp.status, data, resp.headers.get("Retry-After"))
+        return Answer(resp.status, data, resp.headers.get("Retry-After"), truncated)
 
     def _failure(self, err: BaseException) -> TransportError:
         if self.deadlines.finish():
@@ -208,10 +211,10 @@ class Transport:
                                   f"{self.timeout:g} s para a chamada inteira)")
         return TransportError(describe_transport_error(err, self.settings))
 
-    def _read(self, resp, deadline: float) -> bytes:
-        """The body, at most BODY_CAP bytes, within the call's deadline (a server trickling
-        one byte at a time cannot hold a sender). Anything beyond the cap is discarded and
-        the connection dropped."""
+    def _read(self, resp, deadline: float, cap: int) -> tuple[bytes, bool]:
+        """The body, at most `cap` bytes, within the call's deadline (a server trickling
+        one byte at a time cannot hold a sender), and whether it was cut. Anything beyond
+        the cap is discarded and the connection dropped."""
         chunks, size = [], 0
         while True:
             if time.monotonic() > deadline:
@@ -220,16 +223,16 @@ class Transport:
                                      f"(BEMSOFT_TIMEOUT={self.timeout:g} s)")
             chunk = resp.read1(READ_CHUNK)
             if not chunk:
-                return b"".join(chunks)
-            if size + len(chunk) > BODY_CAP:
-                chunks.append(chunk[:BODY_CAP - size])
+                return b"".join(chunks), False
+            if size + len(chunk) > cap:
+                chunks.append(chunk[:cap - size])
                 resp.close()  # the rest is not read: the connection goes
-                log.debug("Resposta maior que %d bytes: cortada e conexão descartada.", BODY_CAP)
-                return b"".join(chunks)
+                log.debug("Resposta maior que %d bytes: cortada e conexão descartada.", cap)
+                return b"".join(chunks), True
             size += len(chunk)
             chunks.append(chunk)
             if resp.length_remaining == 0:  # the whole Content-Length is here
-                return b"".join(chunks)
+                return b"".join(chunks), False
 
     def close(self) -> None:
         self.manager.clear()
@@ -387,9 +390,13 @@ class BemsoftClient:
     def fetch_tests(self) -> dict:
         """`GET /tests` once; raises ApiError."""
         try:
-            answer = self.transport.request("GET", self._tests_target, None, self._tests_headers)
+            answer = self.transport.request("GET", self._tests_target, None, self._tests_headers,
+                                            cap=CATALOG_CAP)
         except TransportError as err:
             raise ApiError(f"GET /tests: {err}", permanent=False) from err
+        if answer.truncated:  # not a portal: a catalog larger than any the API is known to send
+            raise ApiError(f"GET /tests: resposta maior que {CATALOG_CAP // (1024 * 1024)} MiB; "
+                           "catálogo descartado", permanent=False, status=answer.status)
         outcome, reason, unexpected = judge(answer.status, answer.body)
         if answer.status != 200 or unexpected:
             raise ApiError(self.redact(f"GET /tests: {reason}"),

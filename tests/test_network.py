@@ -240,6 +240,20 @@ def test_huge_2xx_body_is_not_taken_for_a_delivery(tmp_path):
     assert len(delivery.body) <= 1000
 
 
+def test_a_catalog_larger_than_the_answer_cap_is_loaded_whole(tmp_path):
+    # a support lab's catalog can pass the 1 MiB kept for order answers: it is not a portal
+    catalog = [{"id": f"EX{n:05d}", "name": "EXAME " + "X" * 200,
+                "specimen": {"id": f"SP{n % 7}", "name": "Soro"}} for n in range(6000)]
+    assert len(json.dumps({"tests": catalog})) > 1.2 * BODY_CAP
+    with FakeBemsoft(token=TOKEN, catalog=catalog) as fake:
+        client = make_client(tmp_path, fake.url)
+        try:
+            data = client.fetch_tests()
+        finally:
+            client.close()
+    assert len(data["tests"]) == 6000 and data["tests"][-1]["id"] == "EX05999"
+
+
 # ------------------------------------------------------------------ --check
 def check(env_file, *lines):
     with open(env_file, "a", encoding="utf-8") as fh:
