@@ -340,3 +340,29 @@ def test_client_stops_at_shutdown_without_posting(tmp_path, api):
         client.close()
     assert delivery.outcome == TRANSIENT and delivery.attempts == 0
     assert api.requests == []
+
+
+# ---------------------------------------------------------------- one policy, four ladders
+def test_the_cycle_pause_sequence_floor_doubling_cap_and_retry_after_as_a_minimum():
+    from bemsoft_monitor.retry import cycle_pause
+    pause = cycle_pause(backoff=0.2, max_backoff=20)   # at least 1 s
+    assert [pause.delay(n, 0.0) for n in range(1, 8)] == [1, 2, 4, 8, 16, 20, 20]
+    assert pause.delay(1, retry_after=7) == 7           # Retry-After raises the pause...
+    assert pause.delay(4, retry_after=3) == 8           # ...but never shortens it
+    assert pause.delay(1, retry_after=99) == 20         # and stays capped
+    assert [cycle_pause(3, 300).delay(n) for n in (1, 2, 3)] == [3, 6, 12]
+
+
+def test_the_database_ladders_reconnect_at_10_s_and_errors_at_60_s():
+    from bemsoft_monitor.retry import DB_ERROR, DB_RECONNECT
+    assert [DB_RECONNECT.delay(n) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
+    assert [DB_ERROR.delay(n) for n in range(1, 9)] == [1, 2, 4, 8, 16, 32, 60, 60]
+
+
+def test_the_catalog_cadence_is_a_constant_ladder():
+    from bemsoft_monitor.retry import CATALOG_UNLOADED, catalog_refresh
+    assert [CATALOG_UNLOADED.delay(n) for n in (1, 2, 9)] == [5, 5, 5]
+    assert CATALOG_UNLOADED.due(None, 0.0)
+    assert not CATALOG_UNLOADED.due(100.0, 104.9) and CATALOG_UNLOADED.due(100.0, 105.0)
+    assert catalog_refresh(600).delay(1) == 60 and catalog_refresh(30).delay(3) == 30
+    assert catalog_refresh(0).due(10.0, 10.0)
