@@ -17,14 +17,14 @@ from typing import Callable
 import sqlalchemy as sa
 
 from .catalog import CatalogUnavailable
-from .client import DUPLICATE, PERMANENT, TRANSIENT, BemsoftClient, Delivery
+from .client import BemsoftClient, Delivery, Verdict
 from .config import Settings
 from .db import describe_query_timeout, is_query_timeout
 from .failures import FailureRecord, FailureStore, FailureWriteError
 from .metrics import LatencyHistogram
 from .payload import TransformError, build_payload, idempotency_key, make_event
 from .retry import PauseGate
-from .schema import DELIVERED, FAILED, NOFILE
+from .schema import ItemStatus
 from .source import ItemRow, LegacySource, Outcome, is_outage
 from .status import StatusBoard
 
@@ -64,7 +64,7 @@ class Group:
     def unwritten(self) -> ItemRow | None:
         """The row carrying a permanent failure whose file is still to be written."""
         first = self.rows[0]
-        return first if first.pending_status == NOFILE else None
+        return first if first.pending_status == ItemStatus.NOFILE else None
 
     @property
     def item_ids(self) -> list[int]:
@@ -85,7 +85,7 @@ class Job:
     failure: FailureRecord | None = None
     recovered: bool = False
     delivery: Delivery | None = None
-    outcome: str | None = None           # DELIVERED / FAILED once recorded
+    outcome: str | None = None           # ItemStatus.DELIVERED / ItemStatus.FAILED once recorded
     failure_path: object = None          # the failure file, once written
 
 
@@ -357,7 +357,7 @@ class Monitor:
         cod = group.cod
         if group.pending_key and self.failures.has_key(group.pending_key):
             job = Job(cod, group.pending_key, group.item_ids, event, recovered=True)
-            job.outcome = FAILED  # its failure file was written before a crash
+            job.outcome = ItemStatus.FAILED  # its failure file was written before a crash
             return [job]
         if group.unwritten is not None:  # refused by the API before a restart: never re-POST
             row = group.unwritten
@@ -433,7 +433,7 @@ class Monitor:
         goes to FAILED_DIR, and this process does not take its items up again."""
         self._settled_off_db.update(job.item_ids)
         if self.failures.has_key(job.key):  # the same refusal, already filed (e.g. before a restart)
-            job.outcome = FAILED
+            job.outcome = ItemStatus.FAILED
             return
         if job.failure is None:
             job.payload = None
@@ -466,16 +466,16 @@ class Monitor:
             return  # stays "sending": the next cycle sends it with the same key
         if self.dry_run:
             self.on_dry_run(job.payload, job.key)
-            job.outcome = DELIVERED
+            job.outcome = ItemStatus.DELIVERED
             return
         try:
             job.delivery = self.client.deliver(job.payload, job.key)
         except Exception as err:  # a bug or an odd value: a recorded failure, not a lost item
             log.debug("Erro inesperado ao enviar a solicitação %s", job.cod, exc_info=True)
-            job.delivery = Delivery(PERMANENT, None, 1, f"erro inesperado ao enviar: {err!r}")
-        if job.delivery.outcome == TRANSIENT:
+            job.delivery = Delivery(Verdict.PERMANENT, None, 1, f"erro inesperado ao enviar: {err!r}")
+        if job.delivery.outcome == Verdict.TRANSIENT:
             self._halt.set()
-        elif job.delivery.outcome == PERMANENT:
+        elif job.delivery.outcome == Verdict.PERMANENT:
             # written at once, not when the page is settled: after a crash, the re-send of a
             # key the API remembers would get a 409 (SPEC §5.2); the file makes it a failure
             job.failure = self._delivery_failure(job, job.delivery.reason)
@@ -516,18 +516,18 @@ class Monitor:
         now = self.clock()
         self.latency.observe(delivery.duration)
         if delivery.ok:
-            job.outcome = DELIVERED
+            job.outcome = ItemStatus.DELIVERED
             self._last_success = now
             self._forget(job.key)
             self.stats.delivered += 1
             self.stats.delivered_items += len(job.item_ids)
             self.stats.last_delivery = time.time()
-            if delivery.outcome == DUPLICATE:
+            if delivery.outcome == Verdict.DUPLICATE:
                 self.stats.duplicates += 1
             log.info("Solicitação %s entregue: %s, HTTP %s, chave %s, %.0f ms%s.",
                      job.cod, count_items(len(job.item_ids)), delivery.status, job.key,
                      delivery.duration * 1000,
-                     " (já recebida antes: 409)" if delivery.outcome == DUPLICATE else "")
+                     " (já recebida antes: 409)" if delivery.outcome == Verdict.DUPLICATE else "")
             if delivery.uncertain:
                 log.warning("Solicitação %s: a API respondeu 409 depois de uma tentativa sem "
                             "resposta (chave %s). Quase sempre a primeira tentativa foi salva; se "
@@ -535,7 +535,7 @@ class Monitor:
                             "Bemsoft os exames %s do lote sol-%s.", job.cod, job.key,
                             ", ".join(f"item-{i}" for i in job.item_ids), job.cod)
             return
-        if delivery.outcome == PERMANENT:
+        if delivery.outcome == Verdict.PERMANENT:
             self._record_failure(job)
             return
         # transient: keep the "sending" record (same key next time), unless it keeps failing
@@ -568,7 +568,7 @@ class Monitor:
         record = job.failure
         if self.dry_run:
             log.warning("[DRY_RUN] Solicitação %s falharia: %s", job.cod, record.reason)
-            job.outcome = FAILED
+            job.outcome = ItemStatus.FAILED
             return
         try:
             path = job.failure_path or self.failures.write(record)
@@ -590,7 +590,7 @@ class Monitor:
             self._unwritten_logged.pop(job.key, None)
             log.info("Falha da solicitação %s finalmente gravada.", job.cod)
         self._forget(job.key)
-        job.outcome = FAILED
+        job.outcome = ItemStatus.FAILED
         self.stats.failed += 1
         self.stats.failed_items += len(job.item_ids)
         self.stats.reasons[record.reason.split(":")[0][:80]] += 1
