@@ -4,13 +4,11 @@ settings and catalog, send it, and move the file out of FAILED_DIR once delivere
 A file is claimed (renamed) before it is sent, so two replays never send the same file."""
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +16,8 @@ from .catalog import CatalogUnavailable
 from .client import BemsoftClient, Delivery
 from .config import Settings
 from .failures import FailureFileError, FailureRecord, FailureStore, claim, release, rewrite
-from .payload import TransformError, build_payload, idempotency_key
+from .payload import TransformError, build_payload
+from .planner import choose_key
 from .redaction import redact
 
 log = logging.getLogger(__name__)
@@ -42,23 +41,6 @@ class ReplayResult:
     delivery: Delivery | None = None
 
 
-def needs_fresh_key(record: FailureRecord) -> bool:
-    """The API remembers a key even when the first attempt saved nothing (SPEC §5.2): after a
-    2xx with an error body or a 4xx answer nothing was saved, so re-sending needs a new key.
-    After a timeout/5xx the first attempt may have been saved: the same key lets the server
-    dedupe (409)."""
-    status = record.http_status
-    return status is not None and 200 <= int(status) < 500
-
-
-def replay_key(record: FailureRecord, item_ids: list[int]) -> str:
-    base = idempotency_key(record.cod, item_ids)
-    if not needs_fresh_key(record):
-        return record.key or base
-    stamp = base64.b32encode(int(time.time() * 1000).to_bytes(6, "big")).decode().rstrip("=").lower()
-    return f"{base}-r{stamp}"
-
-
 def prepare(record: FailureRecord, settings: Settings, catalog) -> tuple[dict, list[int], str]:
     """Rebuild payload and key; raises TransformError when it still cannot be sent."""
     if not HEADER_SAFE.fullmatch(record.cod or "0"):
@@ -76,7 +58,8 @@ def prepare(record: FailureRecord, settings: Settings, catalog) -> tuple[dict, l
     except UnicodeEncodeError as err:
         raise TransformError(f"o arquivo tem texto inválido (caractere UTF-16 isolado, "
                              f"{err.object[err.start:err.end]!r}): corrija o evento no arquivo") from None
-    key = replay_key(record, built.item_ids)
+    key = choose_key(record.cod, built.item_ids, pending=record.key or None,
+                     fresh_after=record.http_status)
     if not HEADER_SAFE.fullmatch(key):
         raise TransformError(f"a chave {key!r} não cabe no cabeçalho Idempotency-Key: corrija "
                              "'idempotency_key' no arquivo")
