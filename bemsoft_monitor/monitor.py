@@ -165,7 +165,8 @@ class Monitor:
         self.status.progress(write.target, self.ledger.open_items, self.ledger.cursor is not None)
 
     def _pause_after_failure(self, catalog_down: bool, retry_after: float = 0.0) -> None:
-        """Capped exponential pause for every sender; a server's Retry-After wins."""
+        """Capped exponential pause for every sender (retry.cycle_pause); a server's
+        Retry-After lengthens it, never shortens it."""
         self._failed_cycles += 1
         delay = self._pause.delay(self._failed_cycles, retry_after)
         self.gate.pause(delay)
