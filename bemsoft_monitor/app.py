@@ -175,13 +175,13 @@ def make_catalog(settings: Settings, client: BemsoftClient | None):
 
 def build_monitor(settings: Settings, *, engine: sa.Engine | None = None,
                   shutdown: threading.Event | None = None, on_dry_run=None,
-                  status: StatusBoard | None = None) -> Monitor:
+                  status: StatusBoard | None = None, lock=None) -> Monitor:
     engine = engine if engine is not None else create_db_engine(settings)
     shutdown = shutdown or threading.Event()
     client = make_client(settings, shutdown)
     return Monitor(settings, LegacySource(engine, settings.monitor_name, settings.terceiros),
                    client, make_catalog(settings, client), FailureStore(settings.failed_dir),
-                   shutdown=shutdown, on_dry_run=on_dry_run, status=status)
+                   shutdown=shutdown, on_dry_run=on_dry_run, status=status, lock=lock)
 
 
 SHUTDOWN_SIGNALS = ("SIGINT", "SIGTERM", "SIGBREAK")

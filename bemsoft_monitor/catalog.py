@@ -8,6 +8,7 @@ import time
 from typing import Callable
 
 from .payload import ItemRejected
+from .retry import CATALOG_UNLOADED, RetryPolicy, catalog_refresh
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,9 @@ class Catalog:
         self._fetch = fetch
         self.ttl = ttl
         self.miss_refresh_interval = miss_refresh_interval
+        self._stale_cadence = catalog_refresh(ttl)
+        self._miss_cadence = RetryPolicy(backoff=miss_refresh_interval, factor=1.0,
+                                         max_backoff=miss_refresh_interval)
         self._clock = clock
         self._lock = threading.Lock()
         self._by_id: dict[str, list[str]] | None = None
@@ -61,11 +65,10 @@ class Catalog:
     def _ensure_fresh(self) -> None:
         now = self._clock()
         if self._by_id is None:
-            if self._last_attempt is not None and now - self._last_attempt < 5.0:
+            if not CATALOG_UNLOADED.due(self._last_attempt, now):
                 raise CatalogUnavailable("catálogo /tests indisponível (nova tentativa em instantes)")
             self.refresh()
-        elif now - self._loaded_at >= self.ttl and (
-                self._last_attempt is None or now - self._last_attempt >= min(self.ttl, 60.0)):
+        elif now - self._loaded_at >= self.ttl and self._stale_cadence.due(self._last_attempt, now):
             self.refresh()
 
     def specimen_for(self, test_id: str, pinned: str | None = None) -> str:
@@ -73,10 +76,10 @@ class Catalog:
             self._ensure_fresh()
             specimens = self._by_id.get(test_id)
             now = self._clock()
-            if specimens is None and now - self._loaded_at >= self.miss_refresh_interval:
+            if specimens is None and self._miss_cadence.due(self._loaded_at, now):
                 # rejected only against a catalog loaded after the miss (it may have just been
                 # registered); a refresh that failed defers the item instead
-                if now - self._last_attempt < self.miss_refresh_interval:
+                if not self._miss_cadence.due(self._last_attempt, now):
                     raise CatalogUnavailable(f"catálogo /tests desatualizado e a última "
                                              f"atualização falhou; {test_id} será procurado de novo")
                 log.info("Exame %s fora do catálogo em cache; atualizando /tests uma vez.", test_id)

@@ -85,7 +85,7 @@ def run_monitor(settings: Settings, mode: str, stop_file: str | None = None,
     from .app import build_monitor, install_signal_handlers, watch_stop_file
     from sqlalchemy.exc import DBAPIError
 
-    from .db import (DatabaseUnavailable, connect_check, describe_connect_error,
+    from .db import (DatabaseUnavailable, connect_check, create_db_engine, describe_connect_error,
                      describe_query_timeout, is_query_timeout)
     from .lock import InstanceLock
     from .monitor import StartError
@@ -102,17 +102,20 @@ def run_monitor(settings: Settings, mode: str, stop_file: str | None = None,
     monitor = lock = metrics = None
     board = StatusBoard(tz=settings.tz, dry_run=settings.dry_run)
     try:
-        monitor = build_monitor(settings, shutdown=shutdown, on_dry_run=_print_payload, status=board)
-        connect_check(monitor.source.engine, settings)
+        engine = create_db_engine(settings)
+        # DRY_RUN writes nothing and sends nothing: no lock needed. The monitor gets the lock
+        # it verifies before each page; it is acquired below, before the monitor starts.
+        lock = None if settings.dry_run else InstanceLock(engine, settings.monitor_name)
+        monitor = build_monitor(settings, engine=engine, shutdown=shutdown, on_dry_run=_print_payload,
+                                status=board, lock=lock)
+        connect_check(engine, settings)
         if settings.metrics_port:  # before the lock: a standby shows its state too
             metrics = _start_metrics(monitor, settings, board, env_file)
             if metrics is None:
                 return 2
-        if not settings.dry_run:  # DRY_RUN writes nothing and sends nothing: no lock needed
-            lock = InstanceLock(monitor.source.engine, settings.monitor_name)
-            if not wait_for_lock(lock, mode, shutdown, standby_retry(settings), status=board):
-                return 0 if shutdown.is_set() else 4
-            monitor.lock = lock
+        if lock is not None and not wait_for_lock(lock, mode, shutdown, standby_retry(settings),
+                                                  status=board):
+            return 0 if shutdown.is_set() else 4
         monitor.start()
         log.info("Monitor iniciado (%s): laboratórios %s, %s, concorrência %d.",
                  mode, ", ".join(settings.terceiros),

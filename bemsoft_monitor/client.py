@@ -23,10 +23,14 @@ from .retry import PauseGate, RetryPolicy, parse_retry_after
 
 log = logging.getLogger(__name__)
 
-DELIVERED = "delivered"    # the API's own answer: a 2xx JSON body without an error
-DUPLICATE = "duplicate"    # 409: the server already has this Idempotency-Key
-PERMANENT = "permanent"    # retrying the same bytes will not help (400/401/403, error body...)
-TRANSIENT = "transient"    # 429/5xx/timeouts/connection errors/not the API: try again later
+class Verdict:
+    """How the API answered one POST (Delivery.outcome); not the item's stored status
+    (schema.ItemStatus) nor a replay's result (replay.ReplayStatus)."""
+    DELIVERED = "delivered"    # the API's own answer: a 2xx JSON body without an error
+    DUPLICATE = "duplicate"    # 409: the server already has this Idempotency-Key
+    PERMANENT = "permanent"    # retrying the same bytes will not help (400/401/403, error body...)
+    TRANSIENT = "transient"    # 429/5xx/timeouts/connection errors/not the API: try again later
+
 
 ERROR_KEYS = ("error", "errors", "erro", "erros")
 TRANSIENT_4XX = {408, 425, 429}
@@ -306,7 +310,7 @@ class Delivery:
 
     @property
     def ok(self) -> bool:
-        return self.outcome in (DELIVERED, DUPLICATE)
+        return self.outcome in (Verdict.DELIVERED, Verdict.DUPLICATE)
 
 
 def body_error(data) -> str | None:
@@ -333,31 +337,31 @@ def judge(status: int, body: bytes) -> tuple[str, str, bool]:
     if 200 <= status < 300:
         if not body.strip():
             if status in (201, 204):
-                return DELIVERED, f"entregue (HTTP {status})", False
-            return TRANSIENT, f"{UNEXPECTED} (HTTP {status} sem corpo)", True
+                return Verdict.DELIVERED, f"entregue (HTTP {status})", False
+            return Verdict.TRANSIENT, f"{UNEXPECTED} (HTTP {status} sem corpo)", True
         try:
             data = json.loads(body)
         except ValueError:
-            return TRANSIENT, f"{UNEXPECTED} (HTTP {status}: {_snippet(text)})", True
+            return Verdict.TRANSIENT, f"{UNEXPECTED} (HTTP {status}: {_snippet(text)})", True
         error = body_error(data)
         if error:
-            return PERMANENT, f"API respondeu {status} com erro no corpo (nada foi salvo): {error}", False
-        return DELIVERED, f"entregue (HTTP {status})", False
+            return Verdict.PERMANENT, f"API respondeu {status} com erro no corpo (nada foi salvo): {error}", False
+        return Verdict.DELIVERED, f"entregue (HTTP {status})", False
     if status == 409:
-        return DUPLICATE, "Idempotency-Key já recebida pela API (HTTP 409): pedido já entregue antes", False
+        return Verdict.DUPLICATE, "Idempotency-Key já recebida pela API (HTTP 409): pedido já entregue antes", False
     if 300 <= status < 400:
-        return TRANSIENT, f"{UNEXPECTED} (redirecionamento HTTP {status})", True
+        return Verdict.TRANSIENT, f"{UNEXPECTED} (redirecionamento HTTP {status})", True
     if status == 407:
-        return TRANSIENT, ("o proxy pediu autenticação (HTTP 407): confira usuário e senha em "
+        return Verdict.TRANSIENT, ("o proxy pediu autenticação (HTTP 407): confira usuário e senha em "
                            "BEMSOFT_PROXY ou HTTPS_PROXY/HTTP_PROXY"), False
     if status in (401, 403):
-        return PERMANENT, (f"API recusou o token (HTTP {status}): confira BEMSOFT_TOKEN; "
+        return Verdict.PERMANENT, (f"API recusou o token (HTTP {status}): confira BEMSOFT_TOKEN; "
                            f"resposta: {text}"), False
     if status in TRANSIENT_4XX or status >= 500:
-        return TRANSIENT, f"API indisponível (HTTP {status}): {text}", False
+        return Verdict.TRANSIENT, f"API indisponível (HTTP {status}): {text}", False
     if status == 400:
-        return PERMANENT, f"API rejeitou o pedido (HTTP 400, validação): {text}", False
-    return PERMANENT, f"API respondeu HTTP {status}: {text}", False
+        return Verdict.PERMANENT, f"API rejeitou o pedido (HTTP 400, validação): {text}", False
+    return Verdict.PERMANENT, f"API respondeu HTTP {status}: {text}", False
 
 
 def _snippet(text: str) -> str:
@@ -400,7 +404,7 @@ class BemsoftClient:
         outcome, reason, unexpected = judge(answer.status, answer.body)
         if answer.status != 200 or unexpected:
             raise ApiError(self.redact(f"GET /tests: {reason}"),
-                           permanent=outcome == PERMANENT, status=answer.status)
+                           permanent=outcome == Verdict.PERMANENT, status=answer.status)
         try:
             return json.loads(answer.body)
         except ValueError as err:
@@ -433,7 +437,7 @@ class BemsoftClient:
         unanswered = False  # an attempt reached the server (maybe) but got no answer
         while True:
             if not self.gate.wait():
-                return Delivery(TRANSIENT, status, attempt, "envio interrompido (desligando)",
+                return Delivery(Verdict.TRANSIENT, status, attempt, "envio interrompido (desligando)",
                                 text, time.monotonic() - started)
             attempt += 1
             retry_after = None
@@ -443,17 +447,17 @@ class BemsoftClient:
             except TransportError as err:
                 status, text = None, ""
                 unanswered = True
-                outcome, reason = TRANSIENT, f"falha de conexão com a API: {err}"
+                outcome, reason = Verdict.TRANSIENT, f"falha de conexão com a API: {err}"
             else:
                 text = data[:BODY_LIMIT * 4].decode("utf-8", "replace")[:BODY_LIMIT]
                 outcome, reason, unexpected = judge(status, data)
                 self._note_answer(unexpected, status, reason)
             reason, text = self.redact(reason), self.redact(text)
-            if outcome != TRANSIENT or attempt > self.policy.retries:
+            if outcome != Verdict.TRANSIENT or attempt > self.policy.retries:
                 # The API cannot be asked what it did with the unanswered attempt: it either
                 # saved it (the usual case) or failed it in its body (SPEC §5.2). Counted as
                 # delivered, and flagged so the log says which exams to check.
-                uncertain = outcome == DUPLICATE and unanswered
+                uncertain = outcome == Verdict.DUPLICATE and unanswered
                 return Delivery(outcome, status, attempt, reason, text, time.monotonic() - started,
                                 retry_after, uncertain, unexpected)
             delay = self.policy.delay(attempt, retry_after)
@@ -463,5 +467,5 @@ class BemsoftClient:
             if retry_after is not None:
                 self.gate.pause(delay)  # every sender waits, not just this one
             elif not self.gate.sleep(delay):
-                return Delivery(TRANSIENT, status, attempt, "envio interrompido (desligando)",
+                return Delivery(Verdict.TRANSIENT, status, attempt, "envio interrompido (desligando)",
                                 text, time.monotonic() - started)

@@ -1,5 +1,7 @@
 """The failure store: one JSON file per failed solicitation (or part of one) in FAILED_DIR,
-written atomically and readable by the owner only, since it holds patient data."""
+written atomically (temp file, fsync, rename) and readable by the owner only, since it holds
+patient data. It owns every touch of those files: the monitor writes them, the replay claims,
+rewrites and releases them here."""
 from __future__ import annotations
 
 import datetime as dt
@@ -8,12 +10,15 @@ import logging
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+CLAIM_MARK = ".claimed-"
+STALE_CLAIM_SECONDS = 3600
 
 
 class FailureWriteError(Exception):
@@ -94,30 +99,13 @@ class FailureStore:
         """Atomic write (temp file + fsync + rename), mode 0600. Raises FailureWriteError."""
         now = dt.datetime.now(dt.timezone.utc)
         record.created_at = record.created_at or now.isoformat(timespec="seconds")
-        data = json.dumps(record.to_json(), ensure_ascii=False, indent=2).encode("utf-8")
-        tmp_name = None
         try:
             self._ensure_dir()
             target = self.directory / self.filename(record, now)
-            fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=self.directory)
-            try:
-                if hasattr(os, "fchmod"):  # mkstemp already creates 0600 on POSIX
-                    os.fchmod(fd, 0o600)
-                _write_all(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp_name, target)
-            tmp_name = None
+            write_atomic(target, record.to_json())
             return target
         except OSError as err:
             raise FailureWriteError(f"não foi possível gravar a falha em {self.directory}: {err}") from err
-        finally:
-            if tmp_name:
-                try:
-                    os.unlink(tmp_name)
-                except OSError:
-                    pass
 
     def files(self) -> list[Path]:
         if not self.directory.is_dir():
@@ -136,6 +124,89 @@ class FailureStore:
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
             raise FailureFileError(f"não foi possível ler {path}: {str(err)[:200]}") from None
         return FailureRecord.from_json(data)
+
+
+def write_atomic(target: Path, data: dict) -> None:
+    """`data` as JSON in `target`: temp file in the same folder (0600), fsync, rename. The
+    old content stays whole if anything fails; raises OSError."""
+    raw = json.dumps(data, ensure_ascii=False, indent=2).encode("utf-8")
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=Path(target).parent)
+    try:
+        try:
+            if hasattr(os, "fchmod"):  # mkstemp already creates 0600 on POSIX
+                os.fchmod(fd, 0o600)
+            _write_all(fd, raw)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp_name, target)
+        tmp_name = None
+    finally:
+        if tmp_name:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+
+
+def rewrite(path: Path, data: dict) -> None:
+    """Update a (claimed) failure file in place; a failure is logged, the old content kept."""
+    try:
+        write_atomic(path, data)
+    except OSError as err:
+        log.warning("Não foi possível atualizar %s: %s", path, err)
+
+
+# ---------------------------------------------------------------- claims (replay)
+def claim(path: Path, now: float | None = None) -> Path | None:
+    """Atomically take a file for this process; None if someone else took it first. The
+    claim's name carries the pid and the time it was taken (`.claimed-<pid>-<unix time>`):
+    a rename keeps the file's old mtime, so only the name can say how old the claim is."""
+    stamp = int(time.time() if now is None else now)
+    claimed = path.with_name(f"{path.name}{CLAIM_MARK}{os.getpid()}-{stamp}")
+    try:
+        os.rename(path, claimed)
+    except FileNotFoundError:
+        return None
+    return claimed
+
+
+def release(claimed: Path) -> Path:
+    original = claimed.with_name(claimed.name.split(CLAIM_MARK)[0])
+    os.rename(claimed, original)
+    return original
+
+
+def release_stale_claims(directory: Path, now: float | None = None) -> list[Path]:
+    """Give back files claimed by a replay that died (its pid is gone, or the claim is older
+    than STALE_CLAIM_SECONDS by the time in its name). A claim without a time (older
+    versions) is given back."""
+    released = []
+    now = time.time() if now is None else now
+    for claimed in Path(directory).glob(f"*.json{CLAIM_MARK}*"):
+        match = re.search(re.escape(CLAIM_MARK) + r"(\d+)(?:-(\d+))?$", claimed.name)
+        pid = int(match[1]) if match else 0
+        age = now - int(match[2]) if match and match[2] else float("inf")
+        if not _pid_alive(pid) or age > STALE_CLAIM_SECONDS:
+            try:
+                released.append(release(claimed))
+            except OSError:
+                continue
+    return released
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if pid == os.getpid() or os.name == "nt":
+        return True  # on Windows os.kill(pid, 0) is not a probe: claims expire by age only
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 def _write_all(fd: int, data: bytes) -> None:

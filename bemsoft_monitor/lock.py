@@ -217,3 +217,27 @@ class InstanceLock:
         if self._conn is not None:
             conn, self._conn = self._conn, None
             discard(conn)
+
+
+class LockWatch:
+    """`watch()` before each page: is the lock still ours? Its loss and its return are
+    logged once each. Without a lock (DRY_RUN, tests) always True."""
+
+    def __init__(self, lock: InstanceLock | None, name: str):
+        self.lock = lock
+        self.name = name
+        self.lost = False
+
+    def __call__(self) -> bool:
+        if self.lock is None:
+            return True
+        if self.lock.verify():
+            if self.lost:
+                log.info("Bloqueio de instância retomado; envio continua.")
+            self.lost = False
+            return True
+        if not self.lost:
+            log.error("Bloqueio de instância perdido para outro monitor '%s': envio suspenso "
+                      "até retomá-lo.", self.name)
+        self.lost = True
+        return False

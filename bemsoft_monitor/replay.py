@@ -4,108 +4,41 @@ settings and catalog, send it, and move the file out of FAILED_DIR once delivere
 A file is claimed (renamed) before it is sent, so two replays never send the same file."""
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .catalog import CatalogUnavailable
 from .client import BemsoftClient, Delivery
 from .config import Settings
-from .failures import FailureFileError, FailureRecord, FailureStore
-from .payload import TransformError, build_payload, idempotency_key
+from .failures import FailureFileError, FailureRecord, FailureStore, claim, release, rewrite
+from .payload import TransformError, build_payload
+from .planner import choose_key
 from .redaction import redact
 
 log = logging.getLogger(__name__)
 
-CLAIM_MARK = ".claimed-"
-STALE_CLAIM_SECONDS = 3600
 
-OK, WOULD_SEND, FAILED, SKIPPED = "ok", "would-send", "failed", "skipped"
+class ReplayStatus:
+    """What replaying one failure file came to (not the API's Answer nor an ItemStatus)."""
+    OK, WOULD_SEND, FAILED, SKIPPED = "ok", "would-send", "failed", "skipped"
+
+
 HEADER_SAFE = re.compile(r"[\x21-\x7e]{1,200}")   # visible ASCII: fits an HTTP header
 
 
 @dataclass
 class ReplayResult:
     path: Path
-    status: str          # OK / WOULD_SEND / FAILED / SKIPPED
+    status: str          # a ReplayStatus
     message: str
     key: str = ""
     payload: dict | None = None
     delivery: Delivery | None = None
-
-
-def needs_fresh_key(record: FailureRecord) -> bool:
-    """The API remembers a key even when the first attempt saved nothing (SPEC §5.2): after a
-    2xx with an error body or a 4xx answer nothing was saved, so re-sending needs a new key.
-    After a timeout/5xx the first attempt may have been saved: the same key lets the server
-    dedupe (409)."""
-    status = record.http_status
-    return status is not None and 200 <= int(status) < 500
-
-
-def replay_key(record: FailureRecord, item_ids: list[int]) -> str:
-    base = idempotency_key(record.cod, item_ids)
-    if not needs_fresh_key(record):
-        return record.key or base
-    stamp = base64.b32encode(int(time.time() * 1000).to_bytes(6, "big")).decode().rstrip("=").lower()
-    return f"{base}-r{stamp}"
-
-
-def claim(path: Path, now: float | None = None) -> Path | None:
-    """Atomically take a file for this process; None if someone else took it first. The
-    claim's name carries the pid and the time it was taken (`.claimed-<pid>-<unix time>`):
-    a rename keeps the file's old mtime, so only the name can say how old the claim is."""
-    stamp = int(time.time() if now is None else now)
-    claimed = path.with_name(f"{path.name}{CLAIM_MARK}{os.getpid()}-{stamp}")
-    try:
-        os.rename(path, claimed)
-    except FileNotFoundError:
-        return None
-    return claimed
-
-
-def release(claimed: Path) -> Path:
-    original = claimed.with_name(claimed.name.split(CLAIM_MARK)[0])
-    os.rename(claimed, original)
-    return original
-
-
-def release_stale_claims(directory: Path, now: float | None = None) -> list[Path]:
-    """Give back files claimed by a replay that died (its pid is gone, or the claim is older
-    than STALE_CLAIM_SECONDS by the time in its name). A claim without a time (older
-    versions) is given back."""
-    released = []
-    now = time.time() if now is None else now
-    for claimed in Path(directory).glob(f"*.json{CLAIM_MARK}*"):
-        match = re.search(re.escape(CLAIM_MARK) + r"(\d+)(?:-(\d+))?$", claimed.name)
-        pid = int(match[1]) if match else 0
-        age = now - int(match[2]) if match and match[2] else float("inf")
-        if not _pid_alive(pid) or age > STALE_CLAIM_SECONDS:
-            try:
-                released.append(release(claimed))
-            except OSError:
-                continue
-    return released
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    if pid == os.getpid() or os.name == "nt":
-        return True  # on Windows os.kill(pid, 0) is not a probe: claims expire by age only
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
 
 
 def prepare(record: FailureRecord, settings: Settings, catalog) -> tuple[dict, list[int], str]:
@@ -125,7 +58,8 @@ def prepare(record: FailureRecord, settings: Settings, catalog) -> tuple[dict, l
     except UnicodeEncodeError as err:
         raise TransformError(f"o arquivo tem texto inválido (caractere UTF-16 isolado, "
                              f"{err.object[err.start:err.end]!r}): corrija o evento no arquivo") from None
-    key = replay_key(record, built.item_ids)
+    key = choose_key(record.cod, built.item_ids, pending=record.key or None,
+                     fresh_after=record.http_status)
     if not HEADER_SAFE.fullmatch(key):
         raise TransformError(f"a chave {key!r} não cabe no cabeçalho Idempotency-Key: corrija "
                              "'idempotency_key' no arquivo")
@@ -137,40 +71,40 @@ def replay_file(path: Path, settings: Settings, client: BemsoftClient | None, ca
     path = Path(path)
     claimed = claim(path) if send else path
     if claimed is None:
-        return ReplayResult(path, SKIPPED, "já está sendo reenviado por outro processo")
+        return ReplayResult(path, ReplayStatus.SKIPPED, "já está sendo reenviado por outro processo")
     try:
         try:
             record = FailureStore.load(claimed)
         except FailureFileError as err:
-            return ReplayResult(path, FAILED, f"arquivo ilegível, deixado no lugar: {err}")
+            return ReplayResult(path, ReplayStatus.FAILED, f"arquivo ilegível, deixado no lugar: {err}")
         try:
             payload, item_ids, key = prepare(record, settings, catalog)
         except (TransformError, CatalogUnavailable) as err:
-            return ReplayResult(path, FAILED, str(err), key=record.key)
+            return ReplayResult(path, ReplayStatus.FAILED, str(err), key=record.key)
         except Exception as err:  # an odd stored value must not stop the other files
             log.debug("Erro inesperado ao remontar %s", path.name, exc_info=True)
-            return ReplayResult(path, FAILED, "erro inesperado ao montar o pedido: "
+            return ReplayResult(path, ReplayStatus.FAILED, "erro inesperado ao montar o pedido: "
                                 + redact(repr(err), settings), key=record.key)
         if not send:
-            return ReplayResult(path, WOULD_SEND, f"seria enviado com a chave {key} "
+            return ReplayResult(path, ReplayStatus.WOULD_SEND, f"seria enviado com a chave {key} "
                                                   f"({len(item_ids)} itens)", key, payload)
         if key != record.key:
             # the new key is kept in the file before the POST: if this process dies before the
             # file is moved, the next replay re-sends with the same key and the API dedupes
             record.key, record.http_status = key, None
-            _save(claimed, record.to_json())
+            rewrite(claimed, record.to_json())
         try:
             delivery = client.deliver(payload, key)
         except Exception as err:  # one file's odd content must not stop the others
             log.debug("Erro ao enviar %s", path.name, exc_info=True)
-            return ReplayResult(path, FAILED, "erro ao enviar: " + redact(repr(err), settings),
+            return ReplayResult(path, ReplayStatus.FAILED, "erro ao enviar: " + redact(repr(err), settings),
                                 key=key)
         if delivery.ok:
             target = _move_delivered(claimed, move_ok, path.name)
             claimed = None
-            return ReplayResult(path, OK, f"{delivery.reason} -> {target}", key, payload, delivery)
+            return ReplayResult(path, ReplayStatus.OK, f"{delivery.reason} -> {target}", key, payload, delivery)
         _update_record(claimed, record, delivery, key)
-        return ReplayResult(path, FAILED, delivery.reason, key, payload, delivery)
+        return ReplayResult(path, ReplayStatus.FAILED, delivery.reason, key, payload, delivery)
     finally:
         if send and claimed is not None and claimed.exists():
             release(claimed)
@@ -196,18 +130,7 @@ def _update_record(claimed: Path, record: FailureRecord, delivery: Delivery, key
     data = record.to_json()
     data.update(reason=delivery.reason, http_status=delivery.status, idempotency_key=key,
                 attempts=record.attempts + delivery.attempts, response=delivery.body)
-    _save(claimed, data)
-
-
-def _save(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, ensure_ascii=False, indent=2)
-        os.replace(tmp, path)
-    except OSError as err:
-        log.warning("Não foi possível atualizar %s: %s", path, err)
+    rewrite(claimed, data)
 
 
 def send_event(event: dict, settings: Settings, client: BemsoftClient, catalog) -> Delivery:

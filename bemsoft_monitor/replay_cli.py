@@ -100,8 +100,10 @@ def show(text: str, out, settings) -> None:
 
 
 def replay_once(args, settings, client, catalog, directory: Path, move_ok: Path, out) -> int:
-    from .failures import FailureStore
-    from .replay import FAILED, OK, SKIPPED, WOULD_SEND, release_stale_claims, replay_file
+    from .failures import FailureStore, release_stale_claims
+    from .replay import ReplayStatus, replay_file
+    OK, WOULD_SEND, FAILED, SKIPPED = (ReplayStatus.OK, ReplayStatus.WOULD_SEND, ReplayStatus.FAILED,
+                                       ReplayStatus.SKIPPED)
 
     if args.file:
         paths = [Path(f) for f in args.file]

@@ -100,4 +100,8 @@ monitor_items = sa.Table(
     sa.Column("HttpStatus", sa.Integer, nullable=True),
 )
 
-SENDING, DELIVERED, FAILED, NOFILE = "sending", "delivered", "failed", "nofile"
+
+
+class ItemStatus:
+    """The Status of an item in _MonitorItems (stored strings: never change them)."""
+    SENDING, DELIVERED, FAILED, NOFILE = "sending", "delivered", "failed", "nofile"

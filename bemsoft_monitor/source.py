@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from .db import monitor_schema_map
 from .payload import external_token
-from .schema import (DELIVERED, FAILED, NOFILE, SENDING, item_sol, monitor_items, monitor_metadata,
+from .schema import (ItemStatus, item_sol, monitor_items, monitor_metadata,
                      monitor_state, paciente, solicitacao)
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class ItemRow:
     solicitacao: dict | None
     paciente: dict | None
     pending_key: str | None = None  # set when a "sending" record exists (crash recovery)
-    pending_status: str | None = None   # SENDING or NOFILE
+    pending_status: str | None = None   # ItemStatus.SENDING or ItemStatus.NOFILE
     pending_reason: str | None = None
     pending_http: int | None = None
     problem: str | None = None   # a data problem that fails its solicitation (pt-BR reason)
@@ -66,7 +66,7 @@ class Outcome:
     item_ids: Sequence[int]
     cod: str
     key: str
-    status: str  # DELIVERED or FAILED
+    status: str  # ItemStatus.DELIVERED or ItemStatus.FAILED
 
 
 @dataclass
@@ -145,7 +145,7 @@ class LegacySource:
                 monitor_items.c.CodItemSol == item_sol.c.CodItemSol))
             # unknown items, and items whose send was started but has no outcome yet
             conditions.append(sa.or_(monitor_items.c.CodItemSol.is_(None),
-                                     monitor_items.c.Status.in_([SENDING, NOFILE])))
+                                     monitor_items.c.Status.in_([ItemStatus.SENDING, ItemStatus.NOFILE])))
         return sa.select(*cols).select_from(joined).where(*conditions)
 
     def page_statement(self, after_id: int, limit: int, with_state: bool = True):
@@ -229,7 +229,7 @@ class LegacySource:
         pac = None if v[_PAC_AT] is None else dict(zip(PAC_FIELDS, v[_PAC_AT:_STATE_AT]))
         row = ItemRow(item_id=int(v[0]), cod="" if v[1] is None else str(v[1]), item=item,
                       solicitacao=sol, paciente=pac)
-        if len(v) > _STATE_AT and v[_STATE_AT] in (SENDING, NOFILE):
+        if len(v) > _STATE_AT and v[_STATE_AT] in (ItemStatus.SENDING, ItemStatus.NOFILE):
             row.pending_status, row.pending_key = v[_STATE_AT], v[_STATE_AT + 1]
             row.pending_reason, row.pending_http = v[_STATE_AT + 2], v[_STATE_AT + 3]
         return row
@@ -239,7 +239,7 @@ class LegacySource:
         """Record "sending" (with its key) for items that have no record yet, before the POST."""
         now = _utcnow()
         rows = [{"Name": self.name, "CodItemSol": item_id, "CodSolicitacao": external_token(cod),
-                 "Status": SENDING, "IdemKey": key, "UpdatedAt": now}
+                 "Status": ItemStatus.SENDING, "IdemKey": key, "UpdatedAt": now}
                 for item_ids, cod, key in groups for item_id in item_ids]
         if rows:
             with self.engine.begin() as conn:
@@ -251,7 +251,7 @@ class LegacySource:
             conn.execute(monitor_items.update()
                          .where(monitor_items.c.Name == self.name,
                                 monitor_items.c.CodItemSol.in_(list(item_ids)))
-                         .values(Status=NOFILE, Reason=reason[:1000], HttpStatus=http_status,
+                         .values(Status=ItemStatus.NOFILE, Reason=reason[:1000], HttpStatus=http_status,
                                  UpdatedAt=_utcnow()))
 
     def record(self, outcomes: Sequence[Outcome], checkpoint: int | None,
@@ -283,7 +283,7 @@ class LegacySource:
     def prune_statement(self, below: int):
         return monitor_items.delete().where(monitor_items.c.Name == self.name,
                                             monitor_items.c.CodItemSol <= below,
-                                            monitor_items.c.Status.in_([DELIVERED, FAILED]))
+                                            monitor_items.c.Status.in_([ItemStatus.DELIVERED, ItemStatus.FAILED]))
 
     def statements(self) -> dict:
         """Every statement the monitor runs, for checking the SQL each dialect compiles."""
@@ -294,7 +294,7 @@ class LegacySource:
             "duplicates": self.duplicates_statement("paciente", "codpaciente", [1, 2]),
             "page_dry_run": self.page_statement(0, 500, with_state=False),
             "mark_sending": monitor_items.insert(),
-            "outcome": self.outcome_statement([1, 2], DELIVERED, now),
+            "outcome": self.outcome_statement([1, 2], ItemStatus.DELIVERED, now),
             "prune": self.prune_statement(1),
             "checkpoint_update": checkpoint_update_statement(self.name, 1, now),
             "checkpoint_insert": checkpoint_insert_statement(self.name, 1, now),
@@ -316,7 +316,7 @@ class LegacySource:
 
     def last_delivery_statement(self):
         return (sa.select(sa.func.max(monitor_items.c.UpdatedAt))
-                .where(monitor_items.c.Name == self.name, monitor_items.c.Status == DELIVERED))
+                .where(monitor_items.c.Name == self.name, monitor_items.c.Status == ItemStatus.DELIVERED))
 
     def last_delivery(self) -> dt.datetime | None:
         return self._scalar(self.last_delivery_statement())
@@ -324,7 +324,7 @@ class LegacySource:
     def max_recorded_statement(self):
         return (sa.select(sa.func.max(monitor_items.c.CodItemSol))
                 .where(monitor_items.c.Name == self.name,
-                       monitor_items.c.Status.in_([DELIVERED, FAILED])))
+                       monitor_items.c.Status.in_([ItemStatus.DELIVERED, ItemStatus.FAILED])))
 
     def max_recorded_id(self) -> int:
         """Highest item with a recorded outcome (the checkpoint may lag behind it)."""

@@ -165,11 +165,12 @@ class Harness:
     def clock(self):
         return self.clock_value
 
-    def monitor(self, **overrides):
+    def monitor(self, lock=None, status=None, **overrides):
         settings = self.settings_factory(self.url, **overrides)
         printed = []
         monitor = build_monitor(settings, engine=self.engine, shutdown=threading.Event(),
-                                on_dry_run=lambda payload, key: printed.append((key, payload)))
+                                on_dry_run=lambda payload, key: printed.append((key, payload)),
+                                lock=lock, status=status)
         monitor.clock = self.clock
         monitor.printed = printed
         self.monitors.append(monitor)

@@ -54,9 +54,9 @@ def fast_clocks(harness, monitor):
     as build_monitor wires, only with injected clocks."""
     clock = SkewClock()
     gate = PauseGate(monitor.shutdown, clock=clock)
-    monitor.gate = monitor.client.gate = gate
-    monitor.catalog = Catalog(monitor.client.fetch_tests, monitor.settings.tests_ttl,
-                              clock=harness.clock)
+    monitor.gate = monitor.sender.client.gate = gate
+    monitor.planner.catalog = Catalog(monitor.sender.client.fetch_tests, monitor.settings.tests_ttl,
+                                      clock=harness.clock)
 
     def skip_pause():
         assert gate.remaining() > 0, "the monitor should be pausing"

@@ -23,11 +23,11 @@ def test_checkpoint_only_covers_recorded_items_while_pages_overlap(harness):
     overlapped = False
     for _ in range(200):
         result = monitor.step()
-        overlapped |= len(monitor._inflight) > 0 and result.more
+        overlapped |= monitor.sender.pages > 0 and result.more
         checkpoint = harness.checkpoint()
         if checkpoint is not None:
             # nothing at or below the checkpoint is still in flight or unsent
-            assert all(i > checkpoint for i in monitor._inflight_ids)
+            assert all(i > checkpoint for i in monitor.ledger.inflight)
             delivered = stored_ids(harness.api)
             assert all(delivered[i] == 1 for i in ids if i <= checkpoint)
         if not result.more:
@@ -81,7 +81,7 @@ def test_graceful_stop_mid_catch_up_records_what_was_sent_and_loses_nothing(harn
     monitor.step = step_then_stop_at_the_third
     monitor.run("drain")
     assert steps == 3
-    assert not monitor._inflight and not monitor._unrecorded
+    assert not monitor.sender.inflight and not monitor.ledger.unrecorded
     first = stored_ids(harness.api)
     assert 0 < len(first) < len(ids)
     assert set(first.values()) == {1}
@@ -103,12 +103,12 @@ def test_a_pending_send_cut_by_the_page_goes_out_whole_under_its_key(harness):
     monitor = harness.monitor(BEMSOFT_CONCURRENCY=4, BATCH_SIZE=4, BEMSOFT_RETRIES=0,
                               BEMSOFT_BACKOFF=0.01)
     monitor.step()                    # page 1 dispatched, still in flight (catching up)
-    futures.wait([f for batch in monitor._inflight for f in batch.futures])  # both sends fail
+    futures.wait([f for batch in monitor.sender.inflight for f in batch.futures])  # both sends fail
     for _ in range(50):
         result = monitor.step()
         while monitor.gate.remaining() > 0:
             threading.Event().wait(0.05)
-        if not result.more and not result.ready and not result.held and not monitor._waiting:
+        if not result.more and not result.ready and not result.held and not monitor.ledger.waiting:
             break
     assert stored_ids(harness.api) == {i: 1 for i in one + two}
     keys = [(r["key"], [t["externalId"] for t in r["body"]["batch"]["order"]["tests"]])

@@ -248,8 +248,7 @@ def test_page_served_with_token_and_metrics_left_open(harness, tmp_path):
     from bemsoft_monitor.metrics import start_metrics_server
     harness.order(1, ["GLI", "TSH"], patient={"nome": "Joana Reservada"})
     board = StatusBoard(tz=SP)
-    monitor = harness.monitor(STATUS_TOKEN="painel-token-0123456789")
-    monitor.status = board
+    monitor = harness.monitor(STATUS_TOKEN="painel-token-0123456789", status=board)
     monitor.step()
     server = start_metrics_server(monitor, 0, max_age=60,
                                   console=Console(board, monitor.settings))
@@ -296,8 +295,8 @@ def test_monitor_feeds_outcomes_outage_and_checkpoint(harness):
     board = StatusBoard(tz=SP)
     harness.order(1, ["GLI", "TSH"])
     harness.order(2, ["GLI"], patient={"sexo": None})
-    monitor = harness.monitor(BEMSOFT_RETRIES="0", BEMSOFT_BACKOFF="5", BEMSOFT_MAX_BACKOFF="5")
-    monitor.status = board
+    monitor = harness.monitor(BEMSOFT_RETRIES="0", BEMSOFT_BACKOFF="5", BEMSOFT_MAX_BACKOFF="5",
+                              status=board)
     monitor.step()
     snap = board.snapshot()
     assert sorted((o.cod, o.outcome, o.items, o.http_status) for o in snap.outcomes) == [

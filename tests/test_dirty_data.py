@@ -227,9 +227,9 @@ def test_a_filed_duplicate_is_not_replayed_until_the_operator_fixes_the_file(dir
     record = FailureStore.load(path)
     settings = dirty.settings_factory(dirty.url)
     with pytest.raises(TransformError, match="apague o campo 'problema'"):
-        build_payload(record.event, settings, dirty.monitors[0].catalog)
+        build_payload(record.event, settings, dirty.monitors[0].planner.catalog)
     fixed = {k: v for k, v in record.event.items() if k != "problema"}
-    assert build_payload(fixed, settings, dirty.monitors[0].catalog).payload is not None
+    assert build_payload(fixed, settings, dirty.monitors[0].planner.catalog).payload is not None
 
 
 def test_duplicates_cut_by_the_page_limit_are_read_whole(dirty, tmp_path):

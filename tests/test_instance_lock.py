@@ -188,8 +188,7 @@ def test_a_lost_lock_stops_sending_before_the_next_page(server_url, api, setting
     rival = InstanceLock(rival_engine, "bemsoft")
     mine = InstanceLock(h.engine, "bemsoft")
     try:
-        monitor = h.monitor()
-        monitor.lock = mine
+        monitor = h.monitor(lock=mine)
         assert monitor.lock.acquire()
         first = h.order(1, ["GLI"])
         monitor.step()

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from bemsoft_monitor.client import BODY_CAP, TRANSIENT, BemsoftClient
+from bemsoft_monitor.client import BODY_CAP, BemsoftClient, Verdict
 from bemsoft_monitor.config import parse_settings
 from bemsoft_monitor.testing.fakeapi import FakeBemsoft
 from bemsoft_monitor.payload import idempotency_key
@@ -201,7 +201,7 @@ def test_a_trickling_server_cannot_hold_a_sender_beyond_the_timeout(tmp_path, tr
         finally:
             client.close()
         sent = server.bytes_sent
-    assert delivery.outcome == TRANSIENT and delivery.status is None
+    assert delivery.outcome == Verdict.TRANSIENT and delivery.status is None
     assert "tempo esgotado" in delivery.reason and "BEMSOFT_TIMEOUT" in delivery.reason
     # each byte came within the socket timeout; only the whole-call deadline stopped it
     assert 0 < sent < len(body)
@@ -236,7 +236,7 @@ def test_huge_2xx_body_is_not_taken_for_a_delivery(tmp_path):
             delivery = client.deliver({"batch": {}}, "sol-1-abc")
         finally:
             client.close()
-    assert delivery.outcome == TRANSIENT and delivery.unexpected
+    assert delivery.outcome == Verdict.TRANSIENT and delivery.unexpected
     assert len(delivery.body) <= 1000
 
 

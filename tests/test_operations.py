@@ -127,7 +127,7 @@ def test_retry_limit_and_single_file(env_file, legacy, tmp_path):
 
 
 def test_a_claimed_file_is_not_sent_by_another_replay(env_file, legacy, api, tmp_path):
-    from bemsoft_monitor.replay import CLAIM_MARK, claim, release_stale_claims
+    from bemsoft_monitor.failures import CLAIM_MARK, claim, release_stale_claims
     make_failures(legacy, env_file)
     with open(env_file, "a", encoding="utf-8") as fh:
         fh.write("DEFAULT_GENDER=F\n")
@@ -393,7 +393,7 @@ def test_retry_watch_goes_on_past_bad_files(env_file, api, tmp_path):
 
 
 def test_stale_claims_are_judged_by_the_claim_time_not_the_file_age(tmp_path):
-    from bemsoft_monitor.replay import STALE_CLAIM_SECONDS, claim, release_stale_claims
+    from bemsoft_monitor.failures import STALE_CLAIM_SECONDS, claim, release_stale_claims
     path = tmp_path / "20240101T000000Z_1_x.json"
     path.write_text("{}", encoding="utf-8")
     two_days_ago = time.time() - 2 * 86400

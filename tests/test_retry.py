@@ -11,8 +11,7 @@ import time
 
 import pytest
 
-from bemsoft_monitor.client import (DELIVERED, DUPLICATE, PERMANENT, TRANSIENT, BemsoftClient,
-                                    classify)
+from bemsoft_monitor.client import BemsoftClient, Verdict, classify
 from bemsoft_monitor.config import parse_settings
 from bemsoft_monitor.retry import PauseGate, RetryPolicy, parse_retry_after
 from conftest import TOKEN
@@ -182,16 +181,16 @@ def test_pause_gate_sleep():
                                   b'{"error": null}', b'"ok"', b"{}"])
 def test_2xx_json_without_an_error_is_delivered(status, body):
     outcome, reason = classify(status, body)
-    assert outcome == DELIVERED
+    assert outcome == Verdict.DELIVERED
     assert str(status) in reason
 
 
 @pytest.mark.parametrize("status", [201, 204])
 @pytest.mark.parametrize("body", [b"", b"   "])
 def test_an_empty_body_is_delivered_only_with_201_or_204(status, body):
-    assert classify(status, body)[0] == DELIVERED
-    assert classify(200, body)[0] == TRANSIENT
-    assert classify(202, body)[0] == TRANSIENT
+    assert classify(status, body)[0] == Verdict.DELIVERED
+    assert classify(200, body)[0] == Verdict.TRANSIENT
+    assert classify(202, body)[0] == Verdict.TRANSIENT
 
 
 @pytest.mark.parametrize("status", [200, 201, 202])
@@ -200,76 +199,76 @@ def test_an_empty_body_is_delivered_only_with_201_or_204(status, body):
 def test_2xx_that_is_not_json_is_not_the_api_and_is_retried(status, body):
     """SPEC §8: a captive portal or a proxy page answering 200 is not a delivery."""
     outcome, reason = classify(status, body)
-    assert outcome == TRANSIENT
+    assert outcome == Verdict.TRANSIENT
     assert "resposta inesperada: não parece ser a API (proxy/portal?)" in reason
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 def test_a_redirect_is_not_the_api_and_is_retried(status):
-    assert classify(status, b"<html>moved</html>")[0] == TRANSIENT
+    assert classify(status, b"<html>moved</html>")[0] == Verdict.TRANSIENT
 
 
 def test_a_407_from_a_plain_http_proxy_is_transient_and_names_the_settings():
     outcome, reason = classify(407, b"<html>Proxy Authentication Required</html>")
-    assert outcome == TRANSIENT and "BEMSOFT_PROXY" in reason and "407" in reason
+    assert outcome == Verdict.TRANSIENT and "BEMSOFT_PROXY" in reason and "407" in reason
 
 
 @pytest.mark.parametrize("key", ["error", "errors", "erro", "erros"])
 @pytest.mark.parametrize("empty", [None, "", [], {}, False])
 def test_2xx_with_an_empty_error_field_is_delivered(key, empty):
-    assert classify(201, json.dumps({key: empty, "id": 1}).encode())[0] == DELIVERED
+    assert classify(201, json.dumps({key: empty, "id": 1}).encode())[0] == Verdict.DELIVERED
 
 
 @pytest.mark.parametrize("key", ["error", "errors", "erro", "erros"])
 def test_2xx_with_an_error_message_in_the_body_is_permanent(key):
     message = "Não foi possível salvar os dados recebidos no lote sol-43335."
     outcome, reason = classify(201, json.dumps({key: message}, ensure_ascii=False).encode())
-    assert outcome == PERMANENT
+    assert outcome == Verdict.PERMANENT
     assert message in reason and "201" in reason
 
 
 @pytest.mark.parametrize("key", ["errors", "erros"])
 def test_2xx_with_an_error_list_is_permanent(key):
     outcome, reason = classify(200, json.dumps({key: ["batch.date: inválida"]}).encode())
-    assert outcome == PERMANENT
+    assert outcome == Verdict.PERMANENT
     assert "batch.date: inválida" in reason
 
 
 def test_2xx_error_is_found_in_a_later_key():
     body = json.dumps({"error": "", "erros": ["lote recusado"]}).encode()
-    assert classify(201, body)[0] == PERMANENT
+    assert classify(201, body)[0] == Verdict.PERMANENT
 
 
 def test_409_is_a_duplicate_whatever_the_body():
     for body in (b"", b'{"error": "Idempotency-Key j\xc3\xa1 utilizada"}', b"<html>"):
         outcome, _ = classify(409, body)
-        assert outcome == DUPLICATE
+        assert outcome == Verdict.DUPLICATE
 
 
 @pytest.mark.parametrize("status", [401, 403])
 def test_token_refusals_are_permanent_and_name_the_setting(status):
     outcome, reason = classify(status, b'{"error": "token inv\xc3\xa1lido"}')
-    assert outcome == PERMANENT
+    assert outcome == Verdict.PERMANENT
     assert "BEMSOFT_TOKEN" in reason and str(status) in reason
 
 
 def test_400_is_permanent_and_carries_the_body():
     outcome, reason = classify(400, b'{"errors": ["batch.order.patient.gender: deve ser M ou F"]}')
-    assert outcome == PERMANENT
+    assert outcome == Verdict.PERMANENT
     assert "400" in reason and "gender" in reason
 
 
 @pytest.mark.parametrize("status", [404, 405, 413, 415, 422])
 def test_other_4xx_are_permanent(status):
     outcome, reason = classify(status, b"nope")
-    assert outcome == PERMANENT
+    assert outcome == Verdict.PERMANENT
     assert str(status) in reason
 
 
 @pytest.mark.parametrize("status", [408, 425, 429, 500, 502, 503, 504, 599])
 def test_429_5xx_and_timeouts_are_transient(status):
     outcome, reason = classify(status, b"<html>Bad Gateway</html>")
-    assert outcome == TRANSIENT
+    assert outcome == Verdict.TRANSIENT
     assert str(status) in reason
 
 
@@ -299,7 +298,7 @@ def test_client_waits_the_backoff_sequence_between_attempts(tmp_path, api):
         delivery = client.deliver(MINIMAL, "sol-1-abc")
     finally:
         client.close()
-    assert delivery.outcome == TRANSIENT and delivery.attempts == 4 and delivery.status == 503
+    assert delivery.outcome == Verdict.TRANSIENT and delivery.attempts == 4 and delivery.status == 503
     assert [r["key"] for r in api.requests] == ["sol-1-abc"] * 4
     assert shutdown.waits == pytest.approx([0.05, 0.1, 0.2])   # doubling, exactly
     assert shutdown.shared_pause == [0, 0, 0]        # a plain backoff holds only this sender
@@ -312,7 +311,7 @@ def test_client_does_not_retry_a_permanent_answer(tmp_path, api):
         delivery = client.deliver(MINIMAL, "sol-1-abc")
     finally:
         client.close()
-    assert (delivery.outcome, delivery.status, delivery.attempts) == (PERMANENT, 400, 1)
+    assert (delivery.outcome, delivery.status, delivery.attempts) == (Verdict.PERMANENT, 400, 1)
     assert len(api.requests) == 1
 
 
@@ -324,7 +323,7 @@ def test_client_retry_after_pauses_the_shared_gate(tmp_path, api):
         delivery = client.deliver(MINIMAL, "sol-1-abc")
     finally:
         client.close()
-    assert delivery.outcome == TRANSIENT and delivery.attempts == 3
+    assert delivery.outcome == Verdict.TRANSIENT and delivery.attempts == 3
     assert len(api.requests) == 3
     # the server's 0.15 s, not the 0.01 s backoff, held the shared gate before each retry
     assert shutdown.waits == pytest.approx([0.15, 0.15])
@@ -338,5 +337,31 @@ def test_client_stops_at_shutdown_without_posting(tmp_path, api):
         delivery = client.deliver(MINIMAL, "sol-1-abc")
     finally:
         client.close()
-    assert delivery.outcome == TRANSIENT and delivery.attempts == 0
+    assert delivery.outcome == Verdict.TRANSIENT and delivery.attempts == 0
     assert api.requests == []
+
+
+# ---------------------------------------------------------------- one policy, four ladders
+def test_the_cycle_pause_sequence_floor_doubling_cap_and_retry_after_as_a_minimum():
+    from bemsoft_monitor.retry import cycle_pause
+    pause = cycle_pause(backoff=0.2, max_backoff=20)   # at least 1 s
+    assert [pause.delay(n, 0.0) for n in range(1, 8)] == [1, 2, 4, 8, 16, 20, 20]
+    assert pause.delay(1, retry_after=7) == 7           # Retry-After raises the pause...
+    assert pause.delay(4, retry_after=3) == 8           # ...but never shortens it
+    assert pause.delay(1, retry_after=99) == 20         # and stays capped
+    assert [cycle_pause(3, 300).delay(n) for n in (1, 2, 3)] == [3, 6, 12]
+
+
+def test_the_database_ladders_reconnect_at_10_s_and_errors_at_60_s():
+    from bemsoft_monitor.retry import DB_ERROR, DB_RECONNECT
+    assert [DB_RECONNECT.delay(n) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
+    assert [DB_ERROR.delay(n) for n in range(1, 9)] == [1, 2, 4, 8, 16, 32, 60, 60]
+
+
+def test_the_catalog_cadence_is_a_constant_ladder():
+    from bemsoft_monitor.retry import CATALOG_UNLOADED, catalog_refresh
+    assert [CATALOG_UNLOADED.delay(n) for n in (1, 2, 9)] == [5, 5, 5]
+    assert CATALOG_UNLOADED.due(None, 0.0)
+    assert not CATALOG_UNLOADED.due(100.0, 104.9) and CATALOG_UNLOADED.due(100.0, 105.0)
+    assert catalog_refresh(600).delay(1) == 60 and catalog_refresh(30).delay(3) == 30
+    assert catalog_refresh(0).due(10.0, 10.0)

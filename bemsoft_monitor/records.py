@@ -1,0 +1,135 @@
+"""The monitor's own records in the database: its state at start-up (checkpoint, floor,
+high water) -> a Ledger, "sending" before a POST, outcomes and checkpoint after. A refusal
+for the data (not an outage) costs only the jobs it concerns."""
+from __future__ import annotations
+
+import logging
+
+import sqlalchemy as sa
+
+from .failures import FailureRecord, FailureStore
+from .ledger import Ledger, Write
+from .outcomes import count_items, short_error
+from .planner import Job
+from .schema import ItemStatus
+from .source import LegacySource, is_outage
+
+log = logging.getLogger(__name__)
+
+DB_REFUSED_REASON = ("o banco recusou o registro do monitor em _MonitorItems para estes itens "
+                     "(não é falta de conexão): confira no LIS os códigos desta solicitação e "
+                     "as restrições ou gatilhos criados em _MonitorItems; depois reenvie com "
+                     "retry_failed.py")
+
+
+class StartError(Exception):
+    """The monitor cannot start (e.g. first start without START_FROM); str() is pt-BR."""
+
+
+class Records:
+    def __init__(self, settings, source: LegacySource, failures: FailureStore):
+        self.settings = settings
+        self.source = source
+        self.failures = failures
+        self.dry_run = settings.dry_run
+
+    def load(self) -> Ledger:
+        """Create the monitor's tables (not in DRY_RUN) and load or initialise the checkpoint."""
+        source = self.source
+        if not self.dry_run:
+            source.ensure_state_tables()
+        has_state = not self.dry_run or source.state_tables_exist()
+        checkpoint = source.read_checkpoint() if has_state else None
+        if checkpoint is None:
+            checkpoint = self._first_checkpoint()
+        else:
+            log.info("Checkpoint %s: último CodItemSol processado = %d; %s aguardando.",
+                     self.settings.monitor_name, checkpoint, count_items(source.count_backlog(checkpoint)))
+        # items recorded above the checkpoint (it was held back by an unresolved one)
+        high_water = max(checkpoint, source.max_recorded_id() if has_state else 0)
+        floor = source.read_checkpoint(source.floor_name) if has_state else None
+        if floor is None:  # first start, or state left by an older monitor without a floor
+            floor = checkpoint
+            if not self.dry_run:
+                source.save_checkpoint(floor, source.floor_name)
+        return Ledger(checkpoint, floor, high_water, lookback=self.settings.lookback_items,
+                      dry_run=self.dry_run)
+
+    def _first_checkpoint(self) -> int:
+        start_from, total = self.settings.start_from, self.source.count_backlog(0)
+        if start_from is None:
+            raise StartError(
+                f"Primeira execução (nenhum checkpoint '{self.settings.monitor_name}' em "
+                f"_MonitorState) e START_FROM não definido: há {count_items(total)} de apoio no banco. "
+                "Defina START_FROM=latest para enviar só o que entrar daqui em diante, "
+                "START_FROM=0 para enviar todo o histórico, ou START_FROM=<CodItemSol>.")
+        checkpoint = self.source.max_item_id() if start_from == "latest" else int(start_from)
+        waiting = self.source.count_backlog(checkpoint)
+        log.info("Primeira execução: START_FROM=%s, começando após CodItemSol %d; "
+                 "%s aguardando envio (%d anteriores ignorados).",
+                 start_from, checkpoint, count_items(waiting), total - waiting)
+        if not self.dry_run:
+            self.source.save_checkpoint(checkpoint)
+        return checkpoint
+
+    def mark_sending(self, jobs: list[Job], ledger: Ledger) -> None:
+        """Record "sending" for the page's new jobs in one statement. When the database
+        refuses it for its data (not an outage), the jobs are written one by one and only
+        those it still refuses become failures; the others go on."""
+        try:
+            self.source.mark_sending((j.item_ids, j.cod, j.key) for j in jobs)
+            return
+        except sa.exc.DBAPIError as err:
+            if is_outage(err):
+                raise
+            items = count_items(sum(len(j.item_ids) for j in jobs))
+            log.warning("O banco recusou o registro \"enviando\" de %s (%s); registrando "
+                        "solicitação por solicitação.", items, short_error(err))
+        for job in jobs:
+            try:
+                self.source.mark_sending([(job.item_ids, job.cod, job.key)])
+            except sa.exc.DBAPIError as err:
+                if is_outage(err):
+                    raise
+                self._refused_by_db(job, err, ledger)
+
+    def _refused_by_db(self, job: Job, err: Exception, ledger: Ledger) -> None:
+        """The database refused the monitor's own record of this job: it is not sent, it
+        goes to FAILED_DIR, and this process does not take its items up again."""
+        ledger.off_db.update(job.item_ids)
+        if self.failures.has_key(job.key):  # the same refusal, already filed (e.g. before a restart)
+            job.outcome = ItemStatus.FAILED
+            return
+        if job.failure is None:
+            job.payload = None
+            job.failure = FailureRecord(
+                reason=f"{DB_REFUSED_REASON} ({short_error(err)})", key=job.key, cod=job.cod,
+                item_ids=list(job.item_ids), event=job.event)
+
+    def write(self, write: Write, ledger: Ledger) -> None:
+        """Outcomes and checkpoint in one transaction. When the database refuses it for its
+        data (not an outage), the outcomes are written one by one (writing one twice is
+        harmless) and those it still refuses are logged and kept in memory, so that the
+        others and the checkpoint go on."""
+        try:
+            self.source.record(write.outcomes, write.checkpoint, prune_below=write.floor,
+                               floor=write.floor)
+            return
+        except sa.exc.DBAPIError as err:
+            if is_outage(err) or not write.outcomes:
+                raise
+            log.warning("O banco recusou a gravação dos resultados (%s); gravando solicitação "
+                        "por solicitação.", short_error(err))
+        for outcome in write.outcomes:
+            try:
+                self.source.record([outcome], None)
+            except sa.exc.DBAPIError as err:
+                if is_outage(err):
+                    raise
+                ledger.off_db.update(outcome.item_ids)
+                log.error("Solicitação %s: o banco recusou gravar o resultado '%s' em _MonitorItems "
+                          "(%s; não é falta de conexão). Confira restrições ou gatilhos criados "
+                          "nessa tabela. Este processo não a reenvia; após reiniciar, um reenvio "
+                          "usa a mesma chave %s e não duplica nada.",
+                          outcome.cod, outcome.status, short_error(err), outcome.key)
+        self.source.record([], write.checkpoint, prune_below=write.floor, floor=write.floor)
