@@ -40,12 +40,18 @@ class FailureRecord:
     attempts: int = 0
     response: str = ""
     created_at: str = ""
+    # True: the API answered and refused this key's send (nothing saved; the key is burnt, a
+    # replay needs a new one). False: never sent, or the last answers were transient (the
+    # first attempt may have been saved: a replay keeps the key). None: a file written before
+    # this was recorded (the replay judges its stored answer).
+    refused: bool | None = None
 
     def to_json(self) -> dict:
         return {"version": FORMAT_VERSION, "created_at": self.created_at, "reason": self.reason,
                 "http_status": self.http_status, "attempts": self.attempts,
                 "idempotency_key": self.key, "cod_solicitacao": self.cod,
-                "item_ids": self.item_ids, "response": self.response, "event": self.event}
+                "item_ids": self.item_ids, "response": self.response, "refused": self.refused,
+                "event": self.event}
 
     @classmethod
     def from_json(cls, data) -> "FailureRecord":
@@ -72,7 +78,8 @@ class FailureRecord:
                    http_status=status if isinstance(status, int) and not isinstance(status, bool)
                    and 100 <= status <= 599 else None,
                    attempts=_count(data.get("attempts")), response=str(data.get("response") or ""),
-                   created_at=str(data.get("created_at") or ""))
+                   created_at=str(data.get("created_at") or ""),
+                   refused=data["refused"] if isinstance(data.get("refused"), bool) else None)
 
 
 def _count(value) -> int:

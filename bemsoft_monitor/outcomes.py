@@ -120,7 +120,8 @@ class Outcomes:
         return FailureRecord(reason=reason, key=job.key, cod=job.cod, item_ids=job.item_ids,
                              event=job.event, http_status=job.delivery.status,
                              attempts=self._attempts.get(job.key, 0) + job.delivery.attempts,
-                             response=job.delivery.body)
+                             response=job.delivery.body,
+                             refused=job.delivery.outcome == Verdict.PERMANENT)
 
     def record_known(self, jobs: list[Job]) -> None:
         """Failures known before any POST are recorded first (and files left unwritten)."""

@@ -19,16 +19,17 @@ from .source import ItemRow
 log = logging.getLogger(__name__)
 
 
-def choose_key(cod, item_ids, *, pending: str | None = None, fresh_after: int | None = None,
+def choose_key(cod, item_ids, *, pending: str | None = None, refused: bool = False,
                now: float | None = None) -> str:
     """The Idempotency-Key of a send: a key already recorded ("sending" in _MonitorItems, or
     the one in a failure file) is kept, so the API dedupes a repeat; otherwise the content
-    key of the solicitation and its items. `fresh_after`: the HTTP status of the last answer
-    (replay). The API remembers a key even when the first attempt saved nothing (SPEC §5.2):
-    after a 2xx with an error body or a 4xx nothing was saved, so a new key is needed; after
-    a timeout/5xx the first attempt may have been saved and the same key lets it dedupe."""
+    key of the solicitation and its items. `refused`: the API answered and refused the last
+    send under `pending` (a 2xx with an error body, a permanent 4xx). It remembers a key even
+    when that send saved nothing (SPEC §5.2), so a new key is needed; after a timeout, a 5xx
+    or any other transient answer the first attempt may have been saved, and only the same
+    key lets the API dedupe it."""
     base = idempotency_key(cod, item_ids)
-    if fresh_after is not None and 200 <= int(fresh_after) < 500:
+    if refused:
         millis = int((time.time() if now is None else now) * 1000)
         stamp = base64.b32encode(millis.to_bytes(6, "big")).decode().rstrip("=").lower()
         return f"{base}-r{stamp}"

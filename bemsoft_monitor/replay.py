@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .catalog import CatalogUnavailable
-from .client import BemsoftClient, Delivery
+from .client import BemsoftClient, Delivery, Verdict, judge
 from .config import Settings
 from .failures import FailureFileError, FailureRecord, FailureStore, claim, release, rewrite
 from .payload import TransformError, build_payload
@@ -59,11 +59,24 @@ def prepare(record: FailureRecord, settings: Settings, catalog) -> tuple[dict, l
         raise TransformError(f"o arquivo tem texto inválido (caractere UTF-16 isolado, "
                              f"{err.object[err.start:err.end]!r}): corrija o evento no arquivo") from None
     key = choose_key(record.cod, built.item_ids, pending=record.key or None,
-                     fresh_after=record.http_status)
+                     refused=key_was_refused(record))
     if not HEADER_SAFE.fullmatch(key):
         raise TransformError(f"a chave {key!r} não cabe no cabeçalho Idempotency-Key: corrija "
                              "'idempotency_key' no arquivo")
     return built.payload, built.item_ids, key
+
+
+def key_was_refused(record: FailureRecord) -> bool:
+    """Whether the API refused the file's key (a replay then needs a new one). Files written
+    before `refused` was recorded are judged by the answer they keep: a portal's 200 page, a
+    429 or a 5xx are transient (the first attempt may have been saved), a 2xx with an error
+    body or a 400/401/403 are refusals."""
+    if record.refused is not None:
+        return record.refused
+    if record.http_status is None:
+        return False
+    verdict, _, _ = judge(record.http_status, record.response.encode("utf-8", "replace"))
+    return verdict == Verdict.PERMANENT
 
 
 def replay_file(path: Path, settings: Settings, client: BemsoftClient | None, catalog, *,
@@ -91,7 +104,7 @@ def replay_file(path: Path, settings: Settings, client: BemsoftClient | None, ca
         if key != record.key:
             # the new key is kept in the file before the POST: if this process dies before the
             # file is moved, the next replay re-sends with the same key and the API dedupes
-            record.key, record.http_status = key, None
+            record.key, record.http_status, record.refused = key, None, None
             rewrite(claimed, record.to_json())
         try:
             delivery = client.deliver(payload, key)
@@ -129,7 +142,8 @@ def _update_record(claimed: Path, record: FailureRecord, delivery: Delivery, key
     """Keep the latest answer in the file, so the operator sees why it still fails."""
     data = record.to_json()
     data.update(reason=delivery.reason, http_status=delivery.status, idempotency_key=key,
-                attempts=record.attempts + delivery.attempts, response=delivery.body)
+                attempts=record.attempts + delivery.attempts, response=delivery.body,
+                refused=delivery.outcome == Verdict.PERMANENT)
     rewrite(claimed, data)
 
 

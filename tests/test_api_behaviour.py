@@ -134,6 +134,7 @@ def test_400_is_a_failure_and_is_not_retried(harness, tmp_path):
     monitor.step()
     [record] = failure_records(tmp_path)
     assert record["item_ids"] == bad and record["http_status"] == 400
+    assert record["refused"] is True        # refused: a replay needs a new key
     assert "400" in record["reason"] and "birthDate" in record["reason"]
     keys = [r["key"] for r in posts(harness.api)]
     assert keys.count(idempotency_key("1", bad)) == 1        # exactly one POST
@@ -389,6 +390,7 @@ def test_one_solicitation_failing_while_others_go_ends_in_failed_dir(harness, tm
     assert record["item_ids"] == stuck and record["http_status"] == 500
     assert "falhou 2 vezes" in record["reason"] and "500" in record["reason"]
     assert record["attempts"] >= 2
+    assert record["refused"] is False       # transient answers: a replay keeps the key
     keys = [r["key"] for r in posts(harness.api)]
     assert keys.count(idempotency_key("1", stuck)) == 4      # same key on every attempt
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from bemsoft_monitor.planner import Planner, choose_key, group_rows
 from bemsoft_monitor.source import ItemRow
 
@@ -13,12 +15,30 @@ NOW = 1_700_000_000.0
 def test_choose_key_content_key_pending_key_and_the_replay_rule():
     assert choose_key("123", [7, 5]) == "sol-123-b23dac1693d3"          # sha256("5,7")[:12]
     assert choose_key("123", [5, 7], pending="sol-123-x") == "sol-123-x"  # recorded: kept
-    # after a 4xx or a 2xx with an error body nothing was saved: a fresh key
-    assert choose_key("123", [5, 7], pending="k", fresh_after=400, now=NOW) == "sol-123-b23dac1693d3-ragf47zliaa"
-    assert choose_key("123", [5, 7], pending="k", fresh_after=201, now=NOW) == "sol-123-b23dac1693d3-ragf47zliaa"
-    # after a 5xx/timeout the first attempt may be saved: the same key lets the API dedupe
-    assert choose_key("123", [5, 7], pending="k", fresh_after=503, now=NOW) == "k"
-    assert choose_key("123", [5, 7], fresh_after=None) == "sol-123-b23dac1693d3"
+    # refused (a 4xx or a 2xx with an error body): nothing was saved and the key is burnt
+    assert choose_key("123", [5, 7], pending="k", refused=True, now=NOW) == "sol-123-b23dac1693d3-ragf47zliaa"
+    # otherwise (a 5xx, a timeout, a portal's page) the first attempt may be saved: same key
+    assert choose_key("123", [5, 7], pending="k", refused=False, now=NOW) == "k"
+    assert choose_key("123", [5, 7]) == "sol-123-b23dac1693d3"
+
+
+@pytest.mark.parametrize("status, response, refused, fresh", [
+    (400, '{"errors": ["x"]}', None, True),        # older files: judged by the stored answer
+    (403, "", None, True),
+    (201, '{"error": "Não foi possível salvar"}', None, True),
+    (200, "<html>login</html>", None, False),      # a portal's page: transient
+    (429, "", None, False),
+    (503, "", None, False),
+    (None, "", None, False),                       # never sent
+    (429, "", True, True),                         # recorded: the record decides
+    (400, '{"errors": ["x"]}', False, False),      # e.g. a give-up after transient answers
+])
+def test_the_replay_takes_a_new_key_only_after_a_refusal(status, response, refused, fresh):
+    from bemsoft_monitor.failures import FailureRecord
+    from bemsoft_monitor.replay import key_was_refused
+    record = FailureRecord(reason="r", key="sol-1-abc", cod="1", item_ids=[1], event={},
+                           http_status=status, response=response, refused=refused)
+    assert key_was_refused(record) is fresh
 
 
 def row(item_id, cod, pending=None):
