@@ -110,7 +110,10 @@ class Monitor:
         self._advance()
         result.more = bool(self.sender.pages) or (catching_up and not (catalog_down or result.transient))
         self.last_cycle_at = time.time()
-        self.status.cycle_done(bool(result.ready or result.held or result.more), self.gate.remaining())
+        if self._lock_held.lost:  # another monitor sends meanwhile: this one waits
+            self.status.standby()
+        else:
+            self.status.cycle_done(bool(result.ready or result.held or result.more), self.gate.remaining())
         return result
 
     def finish(self) -> None:

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from bemsoft_monitor.db import describe_query_timeout, is_query_timeout
 from bemsoft_monitor.lock import InstanceLock, advisory_key, first_value
+from bemsoft_monitor import status as board_states
 from bemsoft_monitor.testing.sampledata import add_items, add_order, add_patient
 from conftest import LAB, PG_ADMIN_URL, ROOT, Harness, run, subprocess_env, wait_until, write_env
 
@@ -201,10 +202,12 @@ def test_a_lost_lock_stops_sending_before_the_next_page(server_url, api, setting
         monitor.step()
         assert len(api.requests) == posts and not delivered(api, later)
         assert "Bloqueio de instância perdido para outro monitor" in caplog.text
+        assert monitor.status.snapshot().state == board_states.STANDBY   # the console says "Em espera"
 
         rival.release()
         monitor.step()
         assert delivered(api, later)
+        assert monitor.status.snapshot().state != board_states.STANDBY
         assert "Bloqueio de instância retomado" in caplog.text
     finally:
         mine.release()
