@@ -83,8 +83,7 @@ class LegacySource:
             schema_translate_map=monitor_schema_map(engine.dialect.name))
         self.name = name
         self.terceiros = list(terceiros)
-        self._fanned_out: set[int] = set()        # items whose duplicate rows were examined
-        self._warned: set[tuple[str, object]] = set()  # duplicated keys already logged
+        self.duplicates = DuplicateWarnings()
 
     # ----------------------------------------------------------------- monitor tables
     def state_tables_exist(self) -> bool:
@@ -165,74 +164,19 @@ class LegacySource:
         of the solicitations it cut, so that no solicitation is split by the page limit.
         The rows come back unique by CodItemSol whatever the joins returned (see `unique_rows`)."""
         with self.engine.connect() as conn:
-            rows = [self._row(r) for r in conn.execute(self.page_statement(after_id, limit, with_state))]
+            rows = [row_from(r) for r in conn.execute(self.page_statement(after_id, limit, with_state))]
             page = Page(full=len(rows) >= limit, upper=rows[-1].item_id if rows else None)
             if page.full:
                 raw_cods = {r.item["CodSolicitacao"] for r in rows}
                 # the last item is read again, whole: the limit may have cut its duplicate rows
-                extra = [self._row(r) for r in conn.execute(
+                extra = [row_from(r) for r in conn.execute(
                     self.followup_statement(raw_cods, page.upper - 1, with_state))]
                 if any(r.item_id == page.upper for r in extra):  # not when its key is NULL
                     rows = [r for r in rows if r.item_id != page.upper]
                 rows += extra
             page.rows = unique_rows(rows)
-            fanned = {r.item_id for r in page.rows if r.duplicated} - self._fanned_out
-            if fanned:
-                self._warn_duplicates(conn, [r for r in page.rows if r.item_id in fanned])
-                self._fanned_out |= fanned
+            self.duplicates.check(conn, page.rows)
         return page
-
-    @staticmethod
-    def duplicates_statement(table_name: str, column: str, keys: Sequence):
-        """The keys among `keys` that more than one row of the legacy table holds."""
-        table = {"ItemSol": item_sol, "solicitacao": solicitacao, "paciente": paciente}[table_name]
-        col = table.c[column]
-        return (sa.select(col, sa.func.count()).where(col.in_(list(keys)))
-                .group_by(col).having(sa.func.count() > 1))
-
-    def _warn_duplicates(self, conn, rows: list[ItemRow]) -> None:
-        """Name the duplicated LIS keys behind a fan-out, once per process. Runs only when a
-        join returned an item more than once (a table without a primary key)."""
-        candidates = {
-            ("ItemSol", "CodItemSol"): {r.item_id for r in rows},
-            ("solicitacao", "codsolicitacao"): {r.item["CodSolicitacao"] for r in rows} - {None},
-            ("paciente", "codpaciente"): {(r.solicitacao or {}).get("codpaciente") for r in rows} - {None},
-        }
-        found = []
-        try:
-            for (table_name, column), keys in candidates.items():
-                keys = [k for k in keys if (table_name, k) not in self._warned]
-                for start in range(0, len(keys), OUTCOME_CHUNK):  # SQL Server: <= 2100 parameters
-                    chunk = keys[start:start + OUTCOME_CHUNK]
-                    for key, count in conn.execute(self.duplicates_statement(table_name, column, chunk)):
-                        self._warned.add((table_name, jsonable(key)))
-                        found.append(f"{table_name}.{column}={jsonable(key)} ({count} linhas)")
-        except sa.exc.DBAPIError as err:
-            if is_outage(err):
-                raise
-            # only a warning: the page it belongs to is read and sent all the same
-            log.warning("Não foi possível listar as linhas duplicadas do LIS (%s).",
-                        str(getattr(err, "orig", err)).splitlines()[0][:200])
-        if found:
-            shown = ", ".join(found[:20]) + (f" e mais {len(found) - 20}" if len(found) > 20 else "")
-            log.warning("Linhas duplicadas no banco do LIS (tabela sem chave primária?): %s. O "
-                        "monitor usa uma só linha por item, sempre a mesma; se as cópias "
-                        "diferirem, a solicitação vai para FAILED_DIR. Apague as linhas "
-                        "duplicadas no LIS.", shown)
-
-    @staticmethod
-    def _row(r) -> ItemRow:
-        # positional access, in the column order of _select (cheaper than the mapping)
-        v = [x if x is None or type(x) in _PLAIN else jsonable(x) for x in r]
-        item = dict(zip(ITEM_FIELDS, v[:_SOL_AT]))
-        sol = None if v[_SOL_AT] is None else dict(zip(SOL_FIELDS, v[_SOL_AT:_PAC_AT]))
-        pac = None if v[_PAC_AT] is None else dict(zip(PAC_FIELDS, v[_PAC_AT:_STATE_AT]))
-        row = ItemRow(item_id=int(v[0]), cod="" if v[1] is None else str(v[1]), item=item,
-                      solicitacao=sol, paciente=pac)
-        if len(v) > _STATE_AT and v[_STATE_AT] in (ItemStatus.SENDING, ItemStatus.NOFILE):
-            row.pending_status, row.pending_key = v[_STATE_AT], v[_STATE_AT + 1]
-            row.pending_reason, row.pending_http = v[_STATE_AT + 2], v[_STATE_AT + 3]
-        return row
 
     # ----------------------------------------------------------------- recording
     def mark_sending(self, groups: Iterable[tuple[Sequence[int], str, str]]) -> None:
@@ -291,7 +235,7 @@ class LegacySource:
         return {
             "page": self.page_statement(0, 500),
             "followup": self.followup_statement([1, 2], 0),
-            "duplicates": self.duplicates_statement("paciente", "codpaciente", [1, 2]),
+            "duplicates": DuplicateWarnings.statement("paciente", "codpaciente", [1, 2]),
             "page_dry_run": self.page_statement(0, 500, with_state=False),
             "mark_sending": monitor_items.insert(),
             "outcome": self.outcome_statement([1, 2], ItemStatus.DELIVERED, now),
@@ -329,6 +273,73 @@ class LegacySource:
     def max_recorded_id(self) -> int:
         """Highest item with a recorded outcome (the checkpoint may lag behind it)."""
         return int(self._scalar(self.max_recorded_statement()) or 0)
+
+
+class DuplicateWarnings:
+    """Names the duplicated LIS keys behind a fan-out (a table without a primary key), once
+    per process; the read itself is never held up by it."""
+
+    def __init__(self):
+        self._fanned_out: set[int] = set()             # items whose duplicate rows were examined
+        self._warned: set[tuple[str, object]] = set()  # duplicated keys already logged
+
+    def check(self, conn, rows: list[ItemRow]) -> None:
+        fanned = {r.item_id for r in rows if r.duplicated} - self._fanned_out
+        if fanned:
+            self._warn(conn, [r for r in rows if r.item_id in fanned])
+            self._fanned_out |= fanned
+
+    @staticmethod
+    def statement(table_name: str, column: str, keys: Sequence):
+        """The keys among `keys` that more than one row of the legacy table holds."""
+        table = {"ItemSol": item_sol, "solicitacao": solicitacao, "paciente": paciente}[table_name]
+        col = table.c[column]
+        return (sa.select(col, sa.func.count()).where(col.in_(list(keys)))
+                .group_by(col).having(sa.func.count() > 1))
+
+    def _warn(self, conn, rows: list[ItemRow]) -> None:
+        """Name the duplicated LIS keys behind a fan-out, once per process. Runs only when a
+        join returned an item more than once (a table without a primary key)."""
+        candidates = {
+            ("ItemSol", "CodItemSol"): {r.item_id for r in rows},
+            ("solicitacao", "codsolicitacao"): {r.item["CodSolicitacao"] for r in rows} - {None},
+            ("paciente", "codpaciente"): {(r.solicitacao or {}).get("codpaciente") for r in rows} - {None},
+        }
+        found = []
+        try:
+            for (table_name, column), keys in candidates.items():
+                keys = [k for k in keys if (table_name, k) not in self._warned]
+                for start in range(0, len(keys), OUTCOME_CHUNK):  # SQL Server: <= 2100 parameters
+                    chunk = keys[start:start + OUTCOME_CHUNK]
+                    for key, count in conn.execute(self.statement(table_name, column, chunk)):
+                        self._warned.add((table_name, jsonable(key)))
+                        found.append(f"{table_name}.{column}={jsonable(key)} ({count} linhas)")
+        except sa.exc.DBAPIError as err:
+            if is_outage(err):
+                raise
+            # only a warning: the page it belongs to is read and sent all the same
+            log.warning("Não foi possível listar as linhas duplicadas do LIS (%s).",
+                        str(getattr(err, "orig", err)).splitlines()[0][:200])
+        if found:
+            shown = ", ".join(found[:20]) + (f" e mais {len(found) - 20}" if len(found) > 20 else "")
+            log.warning("Linhas duplicadas no banco do LIS (tabela sem chave primária?): %s. O "
+                        "monitor usa uma só linha por item, sempre a mesma; se as cópias "
+                        "diferirem, a solicitação vai para FAILED_DIR. Apague as linhas "
+                        "duplicadas no LIS.", shown)
+
+
+def row_from(r) -> ItemRow:
+    # positional access, in the column order of _select (cheaper than the mapping)
+    v = [x if x is None or type(x) in _PLAIN else jsonable(x) for x in r]
+    item = dict(zip(ITEM_FIELDS, v[:_SOL_AT]))
+    sol = None if v[_SOL_AT] is None else dict(zip(SOL_FIELDS, v[_SOL_AT:_PAC_AT]))
+    pac = None if v[_PAC_AT] is None else dict(zip(PAC_FIELDS, v[_PAC_AT:_STATE_AT]))
+    row = ItemRow(item_id=int(v[0]), cod="" if v[1] is None else str(v[1]), item=item,
+                  solicitacao=sol, paciente=pac)
+    if len(v) > _STATE_AT and v[_STATE_AT] in (ItemStatus.SENDING, ItemStatus.NOFILE):
+        row.pending_status, row.pending_key = v[_STATE_AT], v[_STATE_AT + 1]
+        row.pending_reason, row.pending_http = v[_STATE_AT + 2], v[_STATE_AT + 3]
+    return row
 
 
 def is_outage(err: BaseException) -> bool:
