@@ -158,6 +158,7 @@ def _start_metrics(monitor, settings: Settings, board, env_file: str | None):
     from .metrics import start_metrics_server
 
     console = Console(board, settings, env_file=env_file)
+    console.scan.warm()
     try:
         return start_metrics_server(monitor, settings.metrics_port, settings.health_max_age,
                                     settings.metrics_host, console=console)

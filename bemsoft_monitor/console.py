@@ -192,6 +192,11 @@ class FailureScan:
         self._summary: FailureSummary | None = None
         self._at = 0.0
 
+    def warm(self) -> None:
+        """Read the folder once in the background (at start-up): the first page load then
+        finds the files already read instead of reading a thousand of them itself."""
+        threading.Thread(target=self.summary, name="failure-scan", daemon=True).start()
+
     def summary(self) -> FailureSummary:
         with self._lock:
             if self._summary is None or self.clock() - self._at >= self.ttl:

@@ -193,6 +193,17 @@ def test_scan_is_cached_bounded_and_forgets_replayed_files(tmp_path):
     assert len(scan._files) == 2
 
 
+def test_warm_reads_the_folder_in_the_background(tmp_path):
+    store = FailureStore(tmp_path / "failed")
+    for cod in range(1, 21):
+        failure(store, cod, "paciente pat-1 sem sexo M/F: x")
+    scan = FailureScan(store.directory, ttl=3600.0)
+    scan.warm()
+    from bemsoft_monitor.testing.harness import wait_until
+    assert wait_until(lambda: len(scan._files) == 20, 30)   # read before any page asked
+    assert scan.summary().count == 20
+
+
 def test_mask_url():
     assert mask_url("http://u:p@proxy:8080") == "http://***@proxy:8080"
     assert mask_url("proxy.lab:3128") == "http://proxy.lab:3128"

@@ -22,7 +22,7 @@ from bemsoft_monitor.config import parse_settings
 from bemsoft_monitor.testing.fakeapi import FakeBemsoft
 from bemsoft_monitor.payload import idempotency_key
 from conftest import LAB, ROOT, TOKEN, run
-from net_support import API_HOST, CannedServer, ForwardProxy, HospitalCA
+from bemsoft_monitor.testing.network import API_HOST, CannedServer, ForwardProxy, HospitalCA
 from test_api_behaviour import FAST, fast_clocks
 
 PORTAL = "<html><head><title>Hospital - acesso</title></head><body>Faça login</body></html>"
