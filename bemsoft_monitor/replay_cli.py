@@ -77,7 +77,8 @@ def main(argv=None, out=None) -> int:
     try:
         while True:
             try:
-                code = replay_once(args, settings, client, catalog, directory, move_ok, out)
+                code = replay_once(args, settings, client, catalog, directory, move_ok, out,
+                                   shutdown)
             except Exception as err:  # --watch goes on: the next round may work
                 if not args.watch:
                     raise
@@ -99,7 +100,10 @@ def show(text: str, out, settings) -> None:
     print(text, file=out, flush=True)
 
 
-def replay_once(args, settings, client, catalog, directory: Path, move_ok: Path, out) -> int:
+def replay_once(args, settings, client, catalog, directory: Path, move_ok: Path, out,
+                shutdown: threading.Event | None = None) -> int:
+    """One round over the failure files; a stop asked meanwhile (Ctrl+C, SIGTERM, the stop
+    file) ends it after the file being sent, the others stay for the next round."""
     from .failures import FailureStore, release_stale_claims
     from .replay import ReplayStatus, replay_file
     OK, WOULD_SEND, FAILED, SKIPPED = (ReplayStatus.OK, ReplayStatus.WOULD_SEND, ReplayStatus.FAILED,
@@ -114,7 +118,12 @@ def replay_once(args, settings, client, catalog, directory: Path, move_ok: Path,
     if args.limit:
         paths = paths[:args.limit]
     counts = {OK: 0, WOULD_SEND: 0, FAILED: 0, SKIPPED: 0}
-    for path in paths:
+    for done, path in enumerate(paths):
+        if shutdown is not None and shutdown.is_set():
+            show(f"Parada pedida: {len(paths) - done} arquivo(s) ficam para a próxima rodada.",
+                 out, settings)
+            paths = paths[:done]
+            break
         if not path.exists():
             show(f"[ERRO] {path}: arquivo não encontrado", out, settings)
             counts[FAILED] += 1

@@ -34,6 +34,32 @@ def make_failures(legacy, env_file):
 
 
 # ------------------------------------------------------------------ retry_failed.py
+def test_a_stop_asked_during_a_round_leaves_the_other_files_for_the_next(env_file, legacy, api,
+                                                                         tmp_path):
+    import io
+    import threading
+    from bemsoft_monitor.client import BemsoftClient
+    from bemsoft_monitor.config import load_settings
+    from bemsoft_monitor.replay_cli import build_parser, replay_once
+    make_failures(legacy, env_file)
+    before = failure_files(tmp_path)
+    settings = load_settings(env_file)
+    args = build_parser().parse_args(["--env-file", str(env_file), "--send"])
+    shutdown, out = threading.Event(), io.StringIO()
+    shutdown.set()                      # Ctrl+C / SIGTERM / stop file before the first file
+    client = BemsoftClient(settings)
+    posts = len(api.requests)
+    try:
+        code = replay_once(args, settings, client, None, tmp_path / "failed", tmp_path / "sent",
+                           out, shutdown)
+    finally:
+        client.close()
+    assert code == 0 and len(api.requests) == posts
+    assert "Parada pedida: 2 arquivo(s) ficam para a próxima rodada." in out.getvalue()
+    assert "Resumo: 0 arquivo(s)" in out.getvalue()
+    assert failure_files(tmp_path) == before
+
+
 def test_retry_dry_run_shows_payload_and_changes_nothing(env_file, legacy, api, tmp_path):
     make_failures(legacy, env_file)
     before = failure_files(tmp_path)
