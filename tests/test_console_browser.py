@@ -3,16 +3,15 @@ legacy database and the fake API, with refused solicitations (400) and an API ou
 with Retry-After); the operator console loaded in headless Chromium."""
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 
 import pytest
 
 from bemsoft_monitor.testing import browser
+from bemsoft_monitor.testing.harness import monitor_command, subprocess_env
 from conftest import IN_CI, ROOT, TOKEN, run
 
 STATUS_TOKEN = "painel-e2e-token-4f9a1c2b"
@@ -71,10 +70,8 @@ def test_console_in_chromium_shows_outage_failures_and_no_patient_data(
     legacy.order(3, ["HEMO"], patient={"sexo": None, "nome": SECRET_NAME})  # fails before any POST
     legacy.order(4, ["CREA"])
     api.fail_next(2, status=400)                     # the first two POSTs are refused
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BEMSOFT_", "DB_", "DATABASE_"))}
-    proc = subprocess.Popen([sys.executable, "monitor_bemsoft.py", "--env-file", str(env_file)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    proc = subprocess.Popen(monitor_command(env_file), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env())
     base = f"http://127.0.0.1:{port}/"
     driver = chromium.driver
     try:
@@ -85,6 +82,8 @@ def test_console_in_chromium_shows_outage_failures_and_no_patient_data(
         api.fail_next(10_000, status=503, retry_after=1)
         last = legacy.order(5, ["GLI"]) + legacy.order(6, ["UREIA"])
         wait_for(lambda: "API indisponível" in fetch(base), what="o painel mostrar a queda")
+        # FAILED_DIR is read at start-up and then at most every few seconds (cached)
+        wait_for(lambda: "API rejeitou o pedido" in fetch(base), what="o painel listar as falhas")
         driver.get(base + f"?token={STATUS_TOKEN}")
         banner = driver.find_element("css selector", "#estado strong").text
         assert banner.startswith("API indisponível — envio pausado até ")
