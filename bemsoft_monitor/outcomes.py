@@ -164,8 +164,11 @@ class Outcomes:
             self._unwritten_logged[job.key] = now
             log.error("Solicitação %s falhou (%s), mas %s. O checkpoint fica parado até "
                       "conseguir gravar; nova tentativa a cada ciclo.", job.cod, record.reason, err)
-        if job.delivery is not None and job.key not in self._unwritten:
-            try:  # after a restart, the file is written instead of POSTing the key again
+        if record.refused and job.key not in self._unwritten:
+            # refused for good: after a restart the file is written instead of POSTing the key
+            # again (a 409 would count it delivered). A give-up after transient answers is
+            # not marked: re-sending it under the same key is what it needs.
+            try:
                 self.source.mark_unwritten(job.item_ids, record.reason, record.http_status)
             except sa.exc.DBAPIError as db_err:
                 log.warning("Não foi possível registrar a falha no banco (%s).", short_error(db_err))

@@ -168,6 +168,7 @@ class Planner:
             job = failure_job(group, ids, event, row.pending_reason or "falha permanente "
                               "registrada antes de uma reinicialização")
             job.failure.http_status = row.pending_http
+            job.failure.refused = True  # only refusals are kept this way (outcomes)
             return [job]
         if group.problem:  # kept in the event: a replay must not send the copy picked here
             return [failure_job(group, ids, dict(event, problema=group.problem), group.problem)]

@@ -364,5 +364,6 @@ def test_refused_send_whose_file_could_not_be_written_is_not_posted_again_after_
     [path] = blocker.glob("*.json")
     record = json.loads(path.read_text(encoding="utf-8"))
     assert record["item_ids"] == ids and record["http_status"] == 201
+    assert record["refused"] is True             # a replay takes a new key: this one is burnt
     assert "Não foi possível salvar" in record["reason"]
     assert harness.checkpoint() == max(ids)
