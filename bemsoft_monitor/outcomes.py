@@ -20,6 +20,7 @@ from .status import StatusBoard
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class CycleResult:
     ready: int = 0
