@@ -248,14 +248,6 @@ def load_settings(env_file: str | os.PathLike | None = None,
     return parse_settings(values, base_dir=path.resolve().parent if path.is_file() else PROJECT_DIR)
 
 
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
-
-
-def is_loopback(host: str | None) -> bool:
-    host = (host or "").lower().strip("[]")
-    return host in LOOPBACK_HOSTS or host.startswith("127.") or host.endswith(".localhost")
-
-
 def _env_value(values: Mapping[str, str | None], name: str) -> tuple[str | None, str]:
     """Proxy variables come in both cases; the lower-case one wins, as in curl and urllib."""
     for key in (name.lower(), name.upper()):

@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 from .config import Settings
 from .failures import FailureFileError, FailureStore
 from .status import (API_DOWN, DB_DOWN, DELIVERED, DRY_RUN, DUPLICATE, FAILED, RETRY, SENDING,
-                     SIMULATED, STANDBY, STARTING, UP_TO_DATE, Snapshot, StatusBoard)
+                     SIMULATED, STANDBY, STARTING, UP_TO_DATE, Snapshot, StatusBoard, count_items)
 
 REFRESH_SECONDS = 5
 SCAN_TTL = 5.0          # seconds a FAILED_DIR listing is reused
@@ -59,10 +59,6 @@ OUTCOMES = {  # outcome -> (text, css class)
 
 
 # ---------------------------------------------------------------- words shared with --status
-def count_items(n: int) -> str:
-    return "1 item" if n == 1 else f"{n} itens"
-
-
 def checkpoint_text(checkpoint: int | None) -> str:
     return "—" if checkpoint is None else str(checkpoint)
 
@@ -205,10 +201,7 @@ class FailureScan:
 
     def _scan(self) -> FailureSummary:
         try:
-            with os.scandir(self.directory) as it:
-                entries = sorted((e for e in it if e.name.endswith(".json")
-                                  and not e.name.startswith(".tmp-") and e.is_file()),
-                                 key=lambda e: e.name)
+            entries = FailureStore(self.directory).files()   # the store's own idea of a file
         except OSError:
             entries = []
         files, unreadable, seen = [], [], {}
@@ -220,7 +213,7 @@ class FailureScan:
             key = (entry.name, st.st_size, st.st_mtime_ns)
             if key not in self._files:
                 try:
-                    self._files[key] = read_failure(Path(entry.path))
+                    self._files[key] = read_failure(entry)
                 except FailureFileError:
                     self._files[key] = None
             seen[key] = self._files[key]

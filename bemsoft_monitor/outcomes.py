@@ -16,7 +16,7 @@ from .failures import FailureRecord, FailureStore, FailureWriteError
 from .planner import Job
 from .schema import ItemStatus
 from .source import LegacySource
-from .status import StatusBoard
+from .status import StatusBoard, count_items
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +180,6 @@ class Outcomes:
         self._first_failure.pop(key, None)
 
 
-def count_items(n: int) -> str:
-    return "1 item" if n == 1 else f"{n} itens"
 
 
 def short_error(err: Exception) -> str:

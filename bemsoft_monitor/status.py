@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from typing import Callable
 from zoneinfo import ZoneInfo
 
+from .client import Verdict
+from .schema import ItemStatus
+
 # states
 STARTING = "starting"
 SENDING = "sending"
@@ -35,6 +38,11 @@ RETRY = "retry"           # transient: stays pending, sent again with the same k
 SIMULATED = "simulated"   # DRY_RUN: nothing was sent
 
 MAX_OUTCOMES = 50
+
+
+def count_items(n: int) -> str:
+    return "1 item" if n == 1 else f"{n} itens"
+
 MINUTES = 60
 MAX_LATENCIES = 1000
 
@@ -193,12 +201,14 @@ class StatusBoard:
 
 
 def _outcome_kind(outcome: str | None, delivery, dry_run: bool) -> str | None:
-    if outcome == FAILED:
+    """The board's kind of a settled job: `outcome` is the item's stored status
+    (schema.ItemStatus), `delivery.outcome` the API's answer (client.Verdict)."""
+    if outcome == ItemStatus.FAILED:
         return FAILED
-    if outcome == DELIVERED and delivery is None:
+    if outcome == ItemStatus.DELIVERED and delivery is None:
         return SIMULATED if dry_run else None  # recovered after a crash: reported then
     if delivery is None:
         return None
-    if outcome == DELIVERED:
-        return DUPLICATE if delivery.outcome == DUPLICATE else DELIVERED
+    if outcome == ItemStatus.DELIVERED:
+        return DUPLICATE if delivery.outcome == Verdict.DUPLICATE else DELIVERED
     return RETRY
