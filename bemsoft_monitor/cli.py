@@ -173,7 +173,7 @@ def wait_for_lock(lock, mode: str, shutdown: threading.Event, retry_every: float
     """Single instance: --once/--drain exit at once (an error trying propagates); the loop
     waits as a standby, and an error while waiting (database down, lock file unreadable)
     is logged and waited out, never the end of the process."""
-    from .lock import first_line
+    from .db import first_line
     if mode != "loop":
         if lock.acquire():
             return True

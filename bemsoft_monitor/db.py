@@ -228,6 +228,12 @@ def server_label(settings: Settings) -> str:
     return f"{host}:{url.port}" if url.port else host
 
 
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of a database (or any) error, for one log line."""
+    text = str(getattr(err, "orig", None) or err).strip().splitlines()
+    return text[0][:limit] if text else type(err).__name__
+
+
 def _root_error(err: BaseException) -> BaseException:
     """The DBAPI error under SQLAlchemy's wrapper (or under our own re-raise)."""
     seen = set()

@@ -14,6 +14,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from .config import PROJECT_DIR
+from .db import first_line
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +88,6 @@ def discard(conn: sa.Connection) -> None:
     except Exception as err:  # cleanup only: the caller's own outcome or error prevails
         log.warning("Não foi possível fechar a conexão do bloqueio de instância (%s); ignorado.",
                     first_line(err))
-
-
-def first_line(err: BaseException) -> str:
-    text = str(getattr(err, "orig", None) or err).strip().splitlines()
-    return text[0][:200] if text else type(err).__name__
 
 
 def try_lock_file(handle) -> bool:

@@ -12,6 +12,7 @@ from typing import Callable
 import sqlalchemy as sa
 
 from .client import Verdict
+from .db import first_line as short_error
 from .failures import FailureRecord, FailureStore, FailureWriteError
 from .planner import Job
 from .schema import ItemStatus
@@ -178,10 +179,3 @@ class Outcomes:
     def _forget(self, key: str) -> None:
         self._attempts.pop(key, None)
         self._first_failure.pop(key, None)
-
-
-
-
-def short_error(err: Exception) -> str:
-    text = str(getattr(err, "orig", None) or err).strip().splitlines()
-    return text[0][:300] if text else err.__class__.__name__

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import sqlalchemy as sa
 
-from .db import monitor_schema_map
+from .db import first_line, monitor_schema_map
 from .payload import external_token
 from .schema import (ItemStatus, item_sol, monitor_items, monitor_metadata,
                      monitor_state, paciente, solicitacao)
@@ -318,8 +318,7 @@ class DuplicateWarnings:
             if is_outage(err):
                 raise
             # only a warning: the page it belongs to is read and sent all the same
-            log.warning("Não foi possível listar as linhas duplicadas do LIS (%s).",
-                        str(getattr(err, "orig", err)).splitlines()[0][:200])
+            log.warning("Não foi possível listar as linhas duplicadas do LIS (%s).", first_line(err))
         if found:
             shown = ", ".join(found[:20]) + (f" e mais {len(found) - 20}" if len(found) > 20 else "")
             log.warning("Linhas duplicadas no banco do LIS (tabela sem chave primária?): %s. O "
