@@ -124,8 +124,7 @@ class Ledger:
             prune = target - 2 * self.lookback
             write.checkpoint = target
             write.floor = prune if prune > self.floor else None
-        if self.unrecorded or not write.empty:
-            write.outcomes, self.unrecorded = self.unrecorded, []
+        write.outcomes, self.unrecorded = self.unrecorded, []
         return write
 
     def written(self, write: Write) -> None:
