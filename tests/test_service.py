@@ -217,6 +217,23 @@ def test_start_reports_an_immediate_failure(tmp_path, launcher_env):
     assert not (run_dir(launcher_env) / "monitor.pid").exists()
 
 
+def test_a_shared_output_folder_keeps_its_mode_and_only_the_output_log_is_closed(tmp_path, launcher_env):
+    """The job's output gets patient data (warnings, DRY_RUN's payloads); MONITOR_LOG_DIR
+    pointing at a folder of other programs must not lock them out."""
+    shared = tmp_path / "saidas"
+    shared.mkdir()
+    shared.chmod(0o755)
+    (shared / "outro.log").write_text("", encoding="utf-8")
+    launcher_env["MONITOR_LOG_DIR"] = str(shared)
+    bad = tmp_path / "bad.env"                          # the monitor exits by itself
+    bad.write_text("POLL_SECONDS=abc\n", encoding="utf-8")
+    result = sh("start_monitor.sh", "--env-file", str(bad), env=launcher_env)
+    assert (f"MONITOR_LOG_DIR: a pasta {shared} não é só do monitor (tem também 'outro.log')"
+            in result.stderr)
+    assert shared.stat().st_mode & 0o777 == 0o755
+    assert (shared / "monitor.out.log").stat().st_mode & 0o777 == 0o600
+
+
 def test_launcher_usage_and_settings_errors(launcher_env):
     extra = service("stop", "monitor", "--once", env=launcher_env)
     assert extra.returncode == 2 and "não recebe argumentos" in extra.stderr
