@@ -323,6 +323,9 @@ def test_bat_wrappers_pass_arguments_to_the_launcher_unchanged(name):
         assert not line.rstrip().endswith("("), line    # no blocks: a ')' in %* cannot break one
 
 
+VARIABLE = re.compile(r"%[A-Za-z_]\w*(?::[^%]*)?%")     # %NAME%, %NAME:~0,2%, %NAME:a=b%
+
+
 def nssm_settings(lines):
     settings = {}
     for line in lines:
@@ -339,7 +342,10 @@ def test_nssm_installer_sets_what_a_windows_service_needs():
     assert settings["AppDirectory"] == ['"%ROOT%"']
     assert settings["AppNoConsole"] == ["0"]
     assert settings["AppEnvironmentExtra"] == ["PYTHONIOENCODING=utf-8 PYTHONUNBUFFERED=1"]
-    assert settings["ObjectName"] == ['"%ACCOUNT%" "%PASSWORD%"']
+    assert "ObjectName" not in settings       # set by the helper: no password on any line here
+    assert ('"%PY%" -m bemsoft_monitor.service_account "%SERVICE%" "%ACCOUNT%" || goto account_failed'
+            in lines)
+    assert not any(line.lower().startswith("set /p") for line in lines)   # it echoed the password
     assert settings["AppStderr"] == ['"%LOGS%\\service.err.log"']
     assert settings["AppStdout"] == ['"%LOGS%\\service.out.log"']
     assert settings["AppRotateFiles"] == ["1"] and settings["AppRotateOnline"] == ["1"]
@@ -350,10 +356,10 @@ def test_nssm_installer_sets_what_a_windows_service_needs():
     assert any("WindowsApps" in line and "pyvenv.cfg" in line for line in lines)
     for line in lines:
         assert not line.rstrip().endswith("(") and ") else (" not in line, line   # no blocks
-        for var in ("%ROOT%", "%PY%", "%LOGS%", "%ACCOUNT%", "%ACL_ACCOUNT%", "%PASSWORD%"):
-            for match in re.finditer(re.escape(var), line):
-                if not line.lstrip().lower().startswith(("rem ", "echo ", "set ", "if ")):
-                    assert quoted_at(line, match.start()), line
+        if line.lstrip().lower().startswith(("rem ", "echo ")):
+            continue
+        for match in VARIABLE.finditer(line):     # `if` and `set` lines too; edits included
+            assert quoted_at(line, match.start()), line
 
 
 def test_nssm_installer_acls_use_sids_and_close_the_folders():
