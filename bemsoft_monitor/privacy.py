@@ -2,8 +2,9 @@
 the log's folder, the launcher's output folder) are closed to other users before it writes:
 umask 077 and chmod on POSIX, icacls by SID on Windows.
 
-A folder is closed whole only when it is the project's own: it is created now, or every entry
-in it is a file the project writes (`project_file`). A folder shared with anything else
+A folder is closed whole only when it is the project's own: it is created now, it lies in the
+project's working area (`completo/`, which the installer already closes), or every entry in it
+is a file the project writes (`project_file`). A folder shared with anything else
 (`LOG_FILE=C:\\ProgramData\\x.log`) keeps its permissions: only the project's files in it are
 closed, one by one, and a warning says so."""
 from __future__ import annotations
@@ -16,6 +17,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import PROJECT_DIR
 from .failures import CLAIM_MARK
 
 SYSTEM_SID = "*S-1-5-18"              # LocalSystem (the NSSM service's default account)
@@ -23,6 +25,7 @@ ADMINISTRATORS_SID = "*S-1-5-32-544"  # BUILTIN\\Administrators (language-indepe
 # Everyone, Authenticated Users, BUILTIN\Users (language-independent SIDs)
 BROAD_SIDS = ("*S-1-1-0", "*S-1-5-11", "*S-1-5-32-545")
 
+WORK_AREA = PROJECT_DIR / "completo"  # failures, logs, pids: the project's own folders
 DEFAULT_LOG_NAME = "monitor.log"      # LOG_FILE's name unless the .env says otherwise
 LOG_BACKUPS = 10                      # setup_logging keeps monitor.log.1 ... monitor.log.10
 
@@ -89,14 +92,14 @@ def protect_private_data(settings, *, platform: str = os.name) -> list[str]:
 
 
 def lock_down(places: list[Private], *, log_name: str = DEFAULT_LOG_NAME,
-              platform: str = os.name) -> list[str]:
+              platform: str = os.name, work_area: Path = WORK_AREA) -> list[str]:
     """Create the folders, close them (or, when shared, the project's files in them) and
     return the warnings. Windows: the inherited entries become explicit copies (so the
     service account the installer granted on the project keeps its access, whoever runs
     this), SYSTEM, Administrators and the account running this process get full control,
     then Everyone, Authenticated Users and Users are removed. POSIX: folders 0700 and files
     0600, for what this account owns."""
-    lockdown = plan(places, log_name)
+    lockdown = plan(places, log_name, work_area)
     if platform == "nt":
         lockdown.notes += close_windows(lockdown, current_account())
     else:
@@ -104,7 +107,7 @@ def lock_down(places: list[Private], *, log_name: str = DEFAULT_LOG_NAME,
     return lockdown.notes
 
 
-def plan(places: list[Private], log_name: str) -> Lockdown:
+def plan(places: list[Private], log_name: str, work_area: Path = WORK_AREA) -> Lockdown:
     """Which folders are closed whole and which files alone (see the module's docstring)."""
     lockdown = Lockdown()
     seen = set()
@@ -116,7 +119,7 @@ def plan(places: list[Private], log_name: str) -> Lockdown:
         created = not folder.exists()
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            foreign = [] if created else foreign_entries(folder, log_name)
+            foreign = [] if created or _within(folder, work_area) else foreign_entries(folder, log_name)
             if not foreign and not _is_root(folder):
                 lockdown.folders.append(folder)
                 continue
@@ -137,6 +140,10 @@ def foreign_entries(folder: Path, log_name: str) -> list[str]:
     """The entries that are not files of the project (subfolders included), sorted."""
     return sorted(entry.name for entry in os.scandir(folder)
                   if not (entry.is_file(follow_symlinks=False) and project_file(entry.name, log_name)))
+
+
+def _within(folder: Path, area: Path) -> bool:
+    return folder.resolve().is_relative_to(Path(area).resolve())
 
 
 def _is_root(folder: Path) -> bool:

@@ -95,6 +95,19 @@ def test_a_folder_holding_only_the_projects_files_is_closed_whole(tmp_path, wind
     assert icacls_calls(windows_tools) == closes_folder(logs)
 
 
+def test_a_folder_in_the_projects_work_area_is_its_own_whatever_it_holds(tmp_path, windows_tools):
+    """completo\\ is the project's (the installer closes it): a LOG_FILE renamed to lab.log
+    next to the launcher's monitor.out.log does not make the launcher see a shared folder."""
+    logs = tmp_path / "completo" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "lab.log").write_text("", encoding="utf-8")
+    place = Private(logs, "MONITOR_LOG_DIR", logs / "monitor.out.log")
+    assert lock_down([place], platform="nt", work_area=tmp_path / "completo") == []
+    assert icacls_calls(windows_tools) == closes_folder(logs)
+    [note] = lock_down([place], platform="posix", work_area=tmp_path / "outra")
+    assert "(tem também 'lab.log')" in note
+
+
 def test_failed_dir_and_the_log_sharing_one_folder_is_still_the_projects_folder(tmp_path, windows_tools):
     both = tmp_path / "falhas"
     store = FailureStore(both)
