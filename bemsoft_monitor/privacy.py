@@ -100,6 +100,8 @@ def lock_down(places: list[Private], *, log_name: str = DEFAULT_LOG_NAME,
     then Everyone, Authenticated Users and Users are removed. POSIX: folders 0700 and files
     0600, for what this account owns."""
     lockdown = plan(places, log_name, work_area)
+    if not (lockdown.folders or lockdown.files):
+        return lockdown.notes
     if platform == "nt":
         lockdown.notes += close_windows(lockdown, current_account())
     else:
