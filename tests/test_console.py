@@ -9,6 +9,7 @@ import re
 import urllib.error
 import urllib.request
 from html import escape
+from html.parser import HTMLParser
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -102,7 +103,7 @@ def test_page_figures_banner_and_chart(tmp_path):
     assert sum(b[0] for b in chart[:-4]) == 0
     assert html.count("<rect ") == 3                   # one bar per non-zero series and minute
     assert '<meta http-equiv="refresh" content="5">' in html
-    assert "<script" not in html and "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
 
 
 @pytest.mark.parametrize("feed, text", [
@@ -214,6 +215,75 @@ def test_mask_url():
     assert mask_url("http://u:p@proxy:8080") == "http://***@proxy:8080"
     assert mask_url("proxy.lab:3128") == "http://proxy.lab:3128"
     assert mask_url(None) is None
+
+
+# ---------------------------------------------------------------- markup in the data stays text
+ATTACKS = {
+    "img": '"><img src=x onerror=alert({n})>',
+    "script": "<script>alert({n})</script>",
+    "textarea": "</textarea><b onmouseover=alert({n})>",
+    "link": '<a href="javascript:alert({n})">abrir</a>',
+    "js": "javascript:alert({n})",
+}
+
+
+def injected_page(tmp_path, harmless=False):
+    """The page rendered with markup in every field that carries text from outside the
+    monitor: a failure reason, an exam code, solicitation codes, an Idempotency-Key, settings
+    values, FAILED_DIR and failure file names (`harmless`: plain words in the same places).
+    Returns the HTML and the injected texts, each numbered so that each field is told apart."""
+    injected = []
+
+    def word(kind):
+        n = len(injected)
+        injected.append(f"inofensivo-{n}" if harmless else ATTACKS[kind].format(n=n))
+        return injected[-1]
+
+    settings = settings_for(tmp_path, FAILED_DIR=str(tmp_path / word("img")), MONITOR_NAME=word("script"),
+                            TERCEIROS=f"{word('textarea')},{word('link')}")
+    store = FailureStore(settings.failed_dir)
+    event = {"cod_solicitacao": 1, "items": [{"CodItemSol": 11, "CodConvExames": "X"}]}
+    store.write(FailureRecord(reason=f"API rejeitou o pedido {word('img')}: detalhe", key="sol-1-k",
+                              cod=word("textarea"), item_ids=[11], event=event))
+    store.write(FailureRecord(reason=f"item 12: exame '{word('script')}' não existe no catálogo /tests da "
+                                     "Bemsoft: cadastre-o", key="sol-2-k", cod=word("link"), item_ids=[12],
+                              event=event))
+    for name in (word("img"), word("js")):
+        (settings.failed_dir / f"{name}.json").write_text("{", encoding="utf-8")
+    board = StatusBoard(clock=Clock(), tz=SP)
+    board.settled(word("script"), 1, word("img"), FAILED, Delivery("permanent", 400, 1, "x", duration=0.02))
+    board.settled(word("js"), 1, word("textarea"), DELIVERED, ok())
+    return Console(board, settings).render(), injected
+
+
+class Parsed(HTMLParser):
+    """Every element with its attribute names, and every text node, as a browser reads them."""
+
+    def __init__(self, html):
+        super().__init__(convert_charrefs=True)
+        self.elements, self.texts = [], []
+        self.feed(html)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.append((tag, tuple(sorted(name for name, _ in attrs))))
+
+    handle_startendtag = handle_starttag
+
+    def handle_data(self, data):
+        self.texts.append(data)
+
+
+def test_markup_in_the_data_renders_as_text(tmp_path):
+    html, injected = injected_page(tmp_path / "atacado")
+    page = Parsed(html)
+    assert page.elements == Parsed(injected_page(tmp_path / "inofensivo", harmless=True)[0]).elements
+    tags = {tag for tag, _ in page.elements}
+    attributes = {name for _, names in page.elements for name in names}
+    assert not tags & {"script", "img", "textarea", "a", "iframe", "form", "input"}
+    assert not [name for name in attributes if name.startswith("on") or name in ("src", "href")]
+    for text in injected:                        # each one reached the page, as text
+        assert any(text in node for node in page.texts), text
 
 
 # ---------------------------------------------------------------- panels
