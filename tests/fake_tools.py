@@ -3,28 +3,31 @@ put first on PATH, which record how they were called. No Windows here; what our 
 with the programs' answers is the part under test."""
 from __future__ import annotations
 
-import json
-import sys
+import shlex
 from pathlib import Path
+
+FIELD, RECORD = "\x1f", "\x1e"   # ASCII unit and record separators: never in an argument here
 
 
 def fake_program(bin_dir: Path, name: str, *, out: str = "", code: int = 0) -> Path:
-    """An executable `name` in `bin_dir` that appends its arguments (one JSON list per call,
-    the program's name first) to `bin_dir`/calls.jsonl, prints `out` and exits with `code`."""
+    """An executable `name` in `bin_dir` (a POSIX shell script: it starts in a millisecond)
+    that appends its name and arguments to `bin_dir`/calls, prints `out` and exits with `code`."""
     bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / f"{name}.out").write_text(out, encoding="utf-8")
     path = bin_dir / name
-    path.write_text(f"#!{sys.executable}\n"
-                    "import json, os, sys\n"
-                    f"with open({str(bin_dir / 'calls.jsonl')!r}, 'a', encoding='utf-8') as log:\n"
-                    "    log.write(json.dumps([os.path.basename(sys.argv[0]), *sys.argv[1:]]) + '\\n')\n"
-                    f"sys.stdout.write({out!r})\n"
-                    f"sys.exit({code})\n", encoding="utf-8")
+    calls_file, out_file = shlex.quote(str(bin_dir / "calls")), shlex.quote(str(bin_dir / f"{name}.out"))
+    path.write_text("#!/bin/sh\n"
+                    f"{{ printf '%s\\037' \"${{0##*/}}\" \"$@\"; printf '\\036'; }} >> {calls_file}\n"
+                    f"cat {out_file}\n"
+                    f"exit {int(code)}\n", encoding="utf-8")
     path.chmod(0o755)
     return path
 
 
 def calls(bin_dir: Path) -> list[list[str]]:
-    log = bin_dir / "calls.jsonl"
+    """Each call, oldest first: the program's name, then its arguments."""
+    log = bin_dir / "calls"
     if not log.exists():
         return []
-    return [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
+    text = log.read_text(encoding="utf-8")
+    return [record.split(FIELD)[:-1] for record in text.split(RECORD)[:-1]]
