@@ -2,8 +2,8 @@
 rem Instala o monitor como servico do Windows com o NSSM 2.24-101 ou mais novo (https://nssm.cc).
 rem Uso (Prompt de Comando como Administrador):
 rem   scripts\install_service_nssm.bat [NomeDoServico] [Conta]
-rem Conta: DOMINIO\usuario ou .\usuario (a senha e pedida sem eco; numa instalacao automatica, a
-rem primeira linha da entrada padrao: ... < senha.txt), DOMINIO\gmsa$ (gMSA, sem senha) ou
+rem Conta: DOMINIO\usuario ou .\usuario (a senha e pedida sem eco; numa instalacao automatica, e
+rem a primeira linha da entrada padrao, redirecionada de um arquivo), DOMINIO\gmsa$ (gMSA, sem senha) ou
 rem "NT SERVICE\NomeDoServico" (conta virtual, sem senha). Sem conta: LocalSystem.
 rem A senha nunca vai na linha de comando do script: ficaria no historico do console.
 rem Pastas: o projeto fica gravavel so por SYSTEM e Administradores (a conta do servico le);

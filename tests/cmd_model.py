@@ -272,8 +272,11 @@ class _Batch:
     def command(self, text: str, checks_errorlevel: bool = False):
         """Run one expanded command; returns ("goto", label), ("exit", code) or None."""
         word = text.split(None, 1)[0].lower() if text else ""
-        if not text or word in ("rem", "setlocal", "endlocal") or text.startswith(":"):
-            return None                         # a rem's text was expanded (phase 1) above
+        if word == "rem":                       # expanded above (phase 1), as cmd does; and
+            split_line(text)                    # no & | < > in it (command.com ran those)
+            return None
+        if not text or word in ("setlocal", "endlocal") or text.startswith(":"):
+            return None
         if word == "for":
             return self.for_loop(text)
         if word == "if":
