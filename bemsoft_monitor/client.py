@@ -30,6 +30,9 @@ class Verdict:
     DUPLICATE = "duplicate"    # 409: the server already has this Idempotency-Key
     PERMANENT = "permanent"    # retrying the same bytes will not help (400/401/403, error body...)
     TRANSIENT = "transient"    # 429/5xx/timeouts/connection errors/not the API: try again later
+    # 401, or a 403 that GET /tests confirms: the installation's token was refused, not this
+    # order. Nothing is filed; every sender pauses and the same request is tried again later.
+    TOKEN_REFUSED = "token-refused"
 
 
 ERROR_KEYS = ("error", "errors", "erro", "erros")
@@ -354,14 +357,20 @@ def judge(status: int, body: bytes) -> tuple[str, str, bool]:
     if status == 407:
         return Verdict.TRANSIENT, ("o proxy pediu autenticação (HTTP 407): confira usuário e senha em "
                            "BEMSOFT_PROXY ou HTTPS_PROXY/HTTP_PROXY"), False
-    if status in (401, 403):
-        return Verdict.PERMANENT, (f"API recusou o token (HTTP {status}): confira BEMSOFT_TOKEN; "
-                           f"resposta: {text}"), False
+    if status == 401:
+        return Verdict.TOKEN_REFUSED, token_refused_reason(status), False
+    if status == 403:  # the order's or the token's: BemsoftClient.deliver asks GET /tests
+        return Verdict.PERMANENT, f"API recusou o pedido (HTTP 403): {text}", False
     if status in TRANSIENT_4XX or status >= 500:
         return Verdict.TRANSIENT, f"API indisponível (HTTP {status}): {text}", False
     if status == 400:
         return Verdict.PERMANENT, f"API rejeitou o pedido (HTTP 400, validação): {text}", False
     return Verdict.PERMANENT, f"API respondeu HTTP {status}: {text}", False
+
+
+def token_refused_reason(status: int) -> str:
+    return (f"Token recusado pela API (HTTP {status}): confira BEMSOFT_TOKEN no .env; o envio "
+            "fica pausado e retoma sozinho quando o token for aceito")
 
 
 def _snippet(text: str) -> str:
@@ -402,9 +411,11 @@ class BemsoftClient:
             raise ApiError(f"GET /tests: resposta maior que {CATALOG_CAP // (1024 * 1024)} MiB; "
                            "catálogo descartado", permanent=False, status=answer.status)
         outcome, reason, unexpected = judge(answer.status, answer.body)
+        if answer.status == 403:  # GET /tests carries no order: a 403 refuses the token
+            outcome, reason = Verdict.TOKEN_REFUSED, token_refused_reason(403)
         if answer.status != 200 or unexpected:
-            raise ApiError(self.redact(f"GET /tests: {reason}"),
-                           permanent=outcome == Verdict.PERMANENT, status=answer.status)
+            raise ApiError(self.redact(f"GET /tests: {reason}"), status=answer.status,
+                           permanent=outcome in (Verdict.PERMANENT, Verdict.TOKEN_REFUSED))
         try:
             return json.loads(answer.body)
         except ValueError as err:
@@ -416,6 +427,15 @@ class BemsoftClient:
         headers["Idempotency-Key"] = key
         answer = self.transport.request("POST", self._post_target, body, headers)
         return answer.status, answer.body, parse_retry_after(answer.retry_after)
+
+    def token_refused(self) -> bool | None:
+        """After a 403: is it the token (GET /tests with it is refused too) or this order (the
+        catalog answers)? None when GET /tests gets no answer either (cannot tell)."""
+        try:
+            answer = self.transport.request("GET", self._tests_target, None, self._tests_headers, cap=0)
+        except TransportError:
+            return None
+        return answer.status in (401, 403)
 
     def _note_answer(self, unexpected: bool, status: int | None, reason: str) -> None:
         """An answer that is not the API's is logged once per outage, not once per order."""
@@ -452,6 +472,13 @@ class BemsoftClient:
                 text = data[:BODY_LIMIT * 4].decode("utf-8", "replace")[:BODY_LIMIT]
                 outcome, reason, unexpected = judge(status, data)
                 self._note_answer(unexpected, status, reason)
+                if status == 403:
+                    refused = self.token_refused()
+                    if refused or refused is None:
+                        outcome = Verdict.TOKEN_REFUSED if refused else Verdict.TRANSIENT
+                        reason = token_refused_reason(403) if refused else (
+                            "API respondeu 403 e GET /tests não respondeu para dizer se é o "
+                            "token: nova tentativa com a mesma chave")
             reason, text = self.redact(reason), self.redact(text)
             if outcome != Verdict.TRANSIENT or attempt > self.policy.retries:
                 # The API cannot be asked what it did with the unanswered attempt: it either

@@ -125,8 +125,10 @@ def test_dry_run_banner(tmp_path):
     board = StatusBoard(clock=Clock(), tz=SP, dry_run=True)
     board.cycle_done(True)
     settings = settings_for(tmp_path, BEMSOFT_DRY_RUN="1")
-    html = Console(board, settings).render()
-    assert ">DRY_RUN</strong>" in html and "sim: nada é enviado nem gravado" in html
+    console = Console(board, settings)
+    assert ">DRY_RUN</strong>" in console.render()
+    assert dict(console.page()["configuracao"])["BEMSOFT_DRY_RUN"] == "sim"
+    assert console.page()["alertas"].note == "DRY_RUN: nenhum alerta é enviado."
 
 
 # ---------------------------------------------------------------- failures and privacy
@@ -158,12 +160,13 @@ def test_failures_grouped_by_reason_with_replay_command_and_no_patient_data(tmp_
     for secret in ("Maria", "Sigilosa", "98765432100", "987.654.321-00", "1957-03-14", "14/03/1957",
                    TOKEN, "SENHA-DO-BANCO", "PROXY-SENHA", "proxyuser", "painel-token-0123456789"):
         assert secret not in html, secret
-    settings_shown = dict(page["configuracao"])
-    assert settings_shown["Proxy"] == "http://***@proxy.lab:3128 (de BEMSOFT_PROXY)"
-    assert settings_shown["Banco de dados"] == "postgresql: db.lab.local:5433 / LIS"
-    assert settings_shown["API"] == "https://bemsoft.example.test"
-    assert settings_shown["Laboratórios (TERCEIROS)"] == LAB
-    assert settings_shown["Envios em paralelo (BEMSOFT_CONCURRENCY)"] == "6"
+    settings_shown = dict(page["configuracao"])      # rows from the settings declarations
+    assert settings_shown["Proxy em uso"] == "http://***@proxy.lab:3128 (de BEMSOFT_PROXY)"
+    assert settings_shown["DATABASE_URL"] == "postgresql+psycopg://lis_user:***@db.lab.local:5433/LIS"
+    assert settings_shown["BEMSOFT_BASE_URL"] == "https://bemsoft.example.test"
+    assert settings_shown["TERCEIROS"] == LAB
+    assert settings_shown["BEMSOFT_CONCURRENCY"] == "6"
+    assert settings_shown["BEMSOFT_TOKEN"] == settings_shown["STATUS_TOKEN"] == "*** (definido, oculto)"
 
 
 @pytest.mark.parametrize("reason, group", [

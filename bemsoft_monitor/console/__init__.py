@@ -27,8 +27,11 @@ class Console:
     """What the HTTP server calls: `render(query)` and `authorized(headers, query)`."""
 
     def __init__(self, board: StatusBoard, settings: Settings, *, env_file: str | None = None,
-                 scan: FailureScan | None = None, panels: tuple[Panel, ...] = PANELS):
+                 scan: FailureScan | None = None, panels: tuple[Panel, ...] = PANELS,
+                 alerts=None):
+        """`alerts`: the running Alerter (its `view()` feeds the Alertas panel), if any."""
         self.board, self.settings = board, settings
+        self.alerts = alerts
         self.env_file = env_file
         self.scan = scan or FailureScan(settings.failed_dir)
         self.panels = panels
@@ -37,7 +40,8 @@ class Console:
         params = parse_qs(query)
         params.pop("token", None)   # the credential is checked by `authorized`, never shown
         return build_page(self.board.snapshot(), self.settings, self.scan.summary(),
-                          env_file=self.env_file, query=params, panels=self.panels)
+                          env_file=self.env_file, query=params, panels=self.panels,
+                          alerts=self.alerts.view() if self.alerts is not None else None)
 
     def render(self, query: str = "") -> str:
         return render_page(self.page(query))
