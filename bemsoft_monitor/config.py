@@ -146,7 +146,7 @@ class Settings:
     def secrets(self) -> tuple[str, ...]:
         """Every secret value the settings hold (token, proxy and database credentials),
         longest first, for `redaction.redact`."""
-        found = [self.token]
+        found = [self.token, self.status_token]
         if self.proxy is not None:
             found += [self.proxy.username, self.proxy.password]
         if self.db_pass:
