@@ -110,11 +110,12 @@ def describe_route(settings: Settings) -> list[tuple[bool | None, str]]:
 
 def print_status(settings: Settings, out=None, env_file: str | None = None) -> int:
     """Checkpoint, backlog and last delivery from the database; FAILED_DIR grouped by reason.
-    The words are the operator console's (bemsoft_monitor.console), so both say the same."""
+    The words are the operator console's (bemsoft_monitor.console.words), so both say the same."""
     from sqlalchemy.exc import DBAPIError
 
-    from .console import (FailureScan, backlog_text, checkpoint_text, failure_lines,
-                          last_delivery_text, replay_command)
+    from .console.scan import FailureScan
+    from .console.words import (backlog_text, checkpoint_text, failure_lines, last_delivery_text,
+                                replay_command)
     from .db import DatabaseUnavailable, connect_check, create_db_engine, describe_connect_error
     from .source import LegacySource
 

@@ -1,60 +1,101 @@
 """Settings: read once at start-up from `.env` (and the process environment), validated
 into one immutable object that every stage receives.
 
+Each setting is declared once, as a field of `Settings`: its key (and older spellings), its
+kind (`config_types`: how the text is parsed, shown and masked), its default, whether it is
+secret, and one pt-BR line of help. That declaration drives the parsing and its error
+messages, `.env.example`, the README's settings tables and the console's configuration
+panel (`config_docs`), and the list of secrets every output is redacted against. What
+involves several settings at once (a key required only when another is off, the proxy
+chosen among five variables) is a short rule after the parse.
+
 Only this module reads the environment. A bad value raises ConfigError with one pt-BR line
 that names the key and what is expected.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import io
 import ipaddress
 import json
 import logging
-import math
 import os
-import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 from urllib.parse import unquote, urlsplit
 from urllib.request import proxy_bypass_environment
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from dotenv import dotenv_values
+
+from .config_types import (ClockTime, ConfigError, DatabaseUrl, Date, FilePath, Flag, Host,  # noqa: F401
+                           Kind, NameList, Number, Pattern, Port, ProxyUrl, Secret, Text, Choice,
+                           Url, Zone)
 
 log = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_ENV_FILE = PROJECT_DIR / ".env"
 
-_TRUE = {"1", "true", "yes", "sim", "s", "y", "on"}
-_FALSE = {"0", "false", "no", "nao", "não", "n", "off"}
-
-# Every key the monitor understands; anything else in the process environment is ignored.
-KNOWN_KEYS = (
-    "DATABASE_URL", "DB_SERVER", "DB_NAME", "DB_USER", "DB_PASS", "ODBC_DRIVER",
-    "DB_ENCRYPT", "DB_TRUST_CERT", "DB_LOGIN_TIMEOUT", "DB_QUERY_TIMEOUT",
-    "POLL_SECONDS", "DEBOUNCE_SECONDS", "TERCEIROS", "TERCEIRO", "FAILED_DIR",
-    "BEMSOFT_BASE_URL", "BEMSOFT_ENDPOINT", "BEMSOFT_TOKEN", "BEMSOFT_TIMEOUT",
-    "BEMSOFT_RETRIES", "BEMSOFT_BACKOFF", "BEMSOFT_MAX_BACKOFF", "BEMSOFT_VERIFY",
-    "BEMSOFT_DRY_RUN", "BEMSOFT_TESTS_TTL", "BEMSOFT_MAX_ATTEMPTS", "BEMSOFT_CONCURRENCY",
-    "BEMSOFT_TEST_MAP_PATH", "BEMSOFT_PROXY", "BEMSOFT_CA_BUNDLE", "BEMSOFT_ALLOW_HTTP",
-    "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy",
-    "DEFAULT_GENDER", "DEFAULT_BIRTHDATE",
-    "PHYSICIAN_NAME", "PHYSICIAN_COUNCIL", "PHYSICIAN_NUMBER", "PHYSICIAN_UF",
-    "TIMEZONE", "START_FROM", "LOOKBACK_ITEMS", "BATCH_SIZE", "MONITOR_NAME",
-    "LOG_LEVEL", "LOG_FILE", "METRICS_PORT", "METRICS_HOST", "HEALTH_MAX_AGE", "STATUS_TOKEN",
-)
+# Sections of .env.example and of the README's settings tables, in order.
+GROUPS = {
+    "db": "Banco de dados",
+    "reading": "Leitura e execução",
+    "bemsoft": "Bemsoft",
+    "data": "Dados e médico",
+    "operation": "Operação",
+}
 
 
-class ConfigError(Exception):
-    """A setting is missing or malformed. `str()` is the pt-BR line shown to the operator."""
+@dataclass(frozen=True)
+class Declared:
+    """What one setting is, as the operator sees it."""
+    names: tuple[str, ...]   # the key; then older or lower-case spellings (the first set wins)
+    kind: Kind
+    group: str
+    help: str                # pt-BR, one line: README table, .env.example, console
+    example: str | None      # the line .env.example writes (None: the default)
+    commented: bool          # .env.example writes it as a comment (optional settings)
+    default_text: str        # the default as written in .env ("" when there is none)
+    also_wins: bool = False  # the other spelling wins over the key (`https_proxy`, as in curl)
 
-    def __init__(self, key: str, expected: str):
-        self.key = key
-        super().__init__(f"Configuração inválida: {key} {expected}")
+    @property
+    def key(self) -> str:
+        return self.names[0]
+
+    @property
+    def secret(self) -> bool:
+        return self.kind.secret
+
+    def lookup(self, values: Mapping[str, str | None]) -> tuple[str | None, str]:
+        """(text, key): the text of the first spelling that is set (stripped, unless the kind
+        keeps it as written), or (None, key) when none is."""
+        for name in (self.names[::-1] if self.also_wins else self.names):
+            raw = values.get(name)
+            if raw is None:
+                continue
+            text = raw if self.kind.raw else raw.strip()
+            if text != "":
+                return text, name
+        return None, self.key
+
+
+def setting(key: str, default, kind: Kind, help: str, *, group: str, also: tuple[str, ...] = (),
+            also_wins: bool = False, example: str | None = None, commented: bool = False,
+            default_text: str | None = None):
+    """A `Settings` field declared as a setting (see `Declared`)."""
+    if default_text is None:
+        default_text = kind.text(default)
+    declared = Declared((key, *also), kind, group, help, example, commented, default_text,
+                        also_wins)
+    return field(default=default, repr=not kind.hides, metadata={"setting": declared})
+
+
+def _path_default(relative: str) -> Path:
+    return PROJECT_DIR / relative
 
 
 @dataclass(frozen=True)
@@ -71,92 +112,6 @@ class Physician:
     council: str
     number: str
     uf: str
-
-
-@dataclass(frozen=True)
-class Settings:
-    # database
-    database_url: str | None = field(default=None, repr=False)  # may hold a password
-    db_server: str = ""
-    db_name: str = ""
-    db_user: str = ""
-    db_pass: str = field(default="", repr=False)
-    odbc_driver: str = "ODBC Driver 18 for SQL Server"
-    db_encrypt: bool = True
-    db_trust_cert: bool = False
-    db_login_timeout: int = 15
-    db_query_timeout: int = 60  # seconds any one statement may take (blocked reads included)
-    # reading
-    terceiros: tuple[str, ...] = ()
-    poll_seconds: float = 5.0
-    debounce_seconds: float = 0.0
-    start_from: str | None = None  # "0", "latest" or an id; None = not configured
-    lookback_items: int = 1000
-    batch_size: int = 500
-    monitor_name: str = "bemsoft"
-    timezone: str = "America/Sao_Paulo"
-    # failures
-    failed_dir: Path = PROJECT_DIR / "completo" / "failed_events"
-    # Bemsoft API
-    base_url: str = "https://bemsoft.ws.wiselab.com.br"
-    endpoint: str = "/requests"
-    token: str = field(default="", repr=False)
-    timeout: float = 30.0
-    retries: int = 3
-    backoff: float = 1.0
-    max_backoff: float = 300.0
-    verify_tls: bool = True
-    ca_bundle: Path | None = None
-    proxy: "Proxy | None" = None
-    dry_run: bool = False
-    tests_ttl: float = 3600.0
-    max_attempts: int = 5
-    concurrency: int = 4
-    test_map: Mapping[str, "TestMapping"] = field(default_factory=dict)
-    test_map_path: Path | None = None
-    # data defaults
-    default_gender: str | None = None
-    default_birthdate: dt.date | None = None
-    physician: Physician | None = None
-    # operations
-    log_level: str = "INFO"
-    log_file: Path | None = PROJECT_DIR / "completo" / "logs" / "monitor.log"
-    metrics_port: int | None = None
-    metrics_host: str = "127.0.0.1"
-    health_max_age: float = 300.0
-    status_token: str = field(default="", repr=False)  # required for `/` off loopback
-    notes: tuple[str, ...] = ()  # warnings to log once logging is set up
-
-    @property
-    def tz(self) -> ZoneInfo:
-        return ZoneInfo(self.timezone)
-
-    @property
-    def requests_url(self) -> str:
-        return self.base_url.rstrip("/") + self.endpoint
-
-    @property
-    def tests_url(self) -> str:
-        return self.base_url.rstrip("/") + "/tests"
-
-    def with_overrides(self, **changes) -> "Settings":
-        return replace(self, **changes)
-
-    @cached_property
-    def secrets(self) -> tuple[str, ...]:
-        """Every secret value the settings hold (token, proxy and database credentials),
-        longest first, for `redaction.redact`."""
-        found = [self.token, self.status_token]
-        if self.proxy is not None:
-            found += [self.proxy.username, self.proxy.password]
-        if self.db_pass:
-            found += [self.db_pass, self.db_pass.strip(), self.db_pass.replace("}", "}}")]
-        if self.database_url:
-            try:
-                found.append(unquote(urlsplit(self.database_url).password or ""))
-            except ValueError:
-                pass
-        return tuple(sorted({s for s in found if s and len(s) >= 3}, key=len, reverse=True))
 
 
 @dataclass(frozen=True)
@@ -178,57 +133,225 @@ class Proxy:
         return f"{scheme}://***@{rest}" if self.username else self.url
 
 
-class _Reader:
-    """Typed access to the raw key/value pairs; every helper raises ConfigError."""
+POSITIVE_SECONDS = Number(0.1, 3600, unit="s")
+_OFF = ("-", "none", "off", "0")
 
-    def __init__(self, values: Mapping[str, str | None], base_dir: Path):
-        self.values = values
-        self.base_dir = base_dir
 
-    def str(self, key: str, default: str | None = None) -> str | None:
-        raw = self.values.get(key)
-        if raw is None:
-            return default
-        raw = raw.strip()
-        return raw if raw != "" else default
+@dataclass(frozen=True)
+class Settings:
+    # ------------------------------------------------------------ database
+    db_server: str = setting(
+        "DB_SERVER", "", Text(), "servidor: `host`, `host\\INSTANCIA`, `host,porta` ou "
+        "`tcp:host,porta` (obrigatório sem `DATABASE_URL`)", group="db",
+        example="localhost\\SQLEXPRESS")
+    db_name: str = setting("DB_NAME", "", Text(), "nome da base do sistema legado", group="db",
+                           example="MinhaBase")
+    db_user: str = setting(
+        "DB_USER", "", Text(), "usuário do SQL Server; vazio = autenticação do Windows (a conta "
+        "que roda o monitor)", group="db", example="usuario")
+    db_pass: str = setting(
+        "DB_PASS", "", Secret(raw=True), "senha do SQL Server, com qualquer caractere (inclusive "
+        "`;{}`), sem aspas", group="db", example="senha")
+    odbc_driver: str = setting("ODBC_DRIVER", "ODBC Driver 18 for SQL Server", Text(),
+                               "nome do driver ODBC instalado", group="db")
+    db_encrypt: bool = setting("DB_ENCRYPT", True, Flag(), "conexão criptografada (o driver 18 "
+                               "exige certificado válido; veja `DB_TRUST_CERT`)", group="db")
+    db_trust_cert: bool = setting("DB_TRUST_CERT", False, Flag(), "aceita certificado "
+                                  "autoassinado do servidor (comum no SQLEXPRESS)", group="db")
+    db_login_timeout: int = setting("DB_LOGIN_TIMEOUT", 15, Number(1, 300, integer=True, unit="s"),
+                                    "segundos para desistir de conectar", group="db")
+    db_query_timeout: int = setting(
+        "DB_QUERY_TIMEOUT", 60, Number(1, 3600, integer=True, unit="s"),
+        "tempo máximo de cada comando no banco (s), espera por bloqueios de uma transação "
+        "aberta no LIS incluída; uma leitura cancelada é repetida no ciclo seguinte", group="db")
+    database_url: str | None = setting(
+        "DATABASE_URL", None, DatabaseUrl(), "qualquer URL do SQLAlchemy; quando definida, as "
+        "chaves `DB_*` são ignoradas. Caracteres especiais da senha vão codificados (`@` = "
+        "`%40`, `:` = `%3A`, `/` = `%2F`, `#` = `%23`)", group="db",
+        example="postgresql+psycopg://usuario:senha@127.0.0.1:5432/base", commented=True)
+    # ------------------------------------------------------------ reading
+    terceiros: tuple[str, ...] = setting(
+        "TERCEIROS", (), NameList(), "nomes em `ItemSol.NomeTerceirizado` a enviar, separados "
+        "por vírgula (obrigatório); `TERCEIRO`, com um só nome, é a grafia antiga",
+        group="reading", also=("TERCEIRO",), example="DIAGNÓSTICO DO BRASIL - DB")
+    poll_seconds: float = setting("POLL_SECONDS", 5.0, POSITIVE_SECONDS, "intervalo entre "
+                                  "ciclos quando não há nada a enviar (s)", group="reading")
+    debounce_seconds: float = setting(
+        "DEBOUNCE_SECONDS", 0.0, Number(0, 86400, unit="s"), "espera a solicitação ficar sem "
+        "itens novos por N s antes de enviar (0 desliga)", group="reading")
+    start_from: str | None = setting(
+        "START_FROM", None, Pattern(r"latest|\d+", "deve ser 0, latest ou um CodItemSol",
+                                    case="lower"),
+        "ponto de partida na primeira execução (sem checkpoint): `latest` (só o que entrar "
+        "daqui em diante), `0` (todo o histórico) ou um `CodItemSol`", group="reading",
+        example="latest")
+    lookback_items: int = setting("LOOKBACK_ITEMS", 1000, Number(0, 1e6, integer=True),
+                                  "janela abaixo do checkpoint relida a cada ciclo para achar "
+                                  "commits tardios", group="reading")
+    batch_size: int = setting("BATCH_SIZE", 500, Number(1, 2000, integer=True),
+                              # at most 2000: SQL Server takes 2100 parameters per statement
+                              "itens lidos por página (1 a 2000); uma solicitação nunca é "
+                              "dividida entre páginas", group="reading")
+    monitor_name: str = setting("MONITOR_NAME", "bemsoft", Text(max_length=90),
+                                "nome da linha de checkpoint em `_MonitorState` (um por monitor)",
+                                group="reading")
+    timezone: str = setting("TIMEZONE", "America/Sao_Paulo", Zone(), "fuso das datas do "
+                            "sistema legado", group="reading")
+    failed_dir: Path = setting(
+        "FAILED_DIR", _path_default("completo/failed_events"), FilePath(),
+        "pasta onde cada falha vira um arquivo JSON (legível só pelo dono: tem dados de "
+        "pacientes)", group="reading", default_text="completo/failed_events")
+    # ------------------------------------------------------------ Bemsoft API
+    base_url: str = setting(
+        "BEMSOFT_BASE_URL", "https://bemsoft.ws.wiselab.com.br",
+        Url(example="https://bemsoft.ws.wiselab.com.br"), "endereço da API; `http://` só para "
+        "`127.0.0.1`/`localhost` (ou com `BEMSOFT_ALLOW_HTTP=1`)", group="bemsoft")
+    endpoint: str = setting("BEMSOFT_ENDPOINT", "/requests",
+                            Pattern(r"/.*", "deve começar com /"), "caminho do envio",
+                            group="bemsoft")
+    token: str = setting(
+        "BEMSOFT_TOKEN", "", Secret(pattern=r"[\x21-\x7e]+", expected=(
+            "deve ter só caracteres ASCII visíveis, sem espaços, quebras de linha ou acentos "
+            "(confira aspas e \\n no .env)")),
+        "token Bearer (obrigatório com `BEMSOFT_DRY_RUN=0`); nunca aparece em log nem em arquivo",
+        group="bemsoft", example="coloque_seu_token_aqui")
+    dry_run: bool = setting("BEMSOFT_DRY_RUN", False, Flag(), "`1` = não envia nem grava nada, "
+                            "só imprime os pedidos", group="bemsoft", example="1")
+    timeout: float = setting("BEMSOFT_TIMEOUT", 30.0, Number(0.1, 600, unit="s"),
+                             "tempo máximo de cada chamada HTTP inteira, do conectar ao último "
+                             "byte da resposta (s)", group="bemsoft")
+    retries: int = setting("BEMSOFT_RETRIES", 3, Number(0, 20, integer=True),
+                           "retentativas imediatas de um envio com falha transitória (429, 5xx, "
+                           "timeout, conexão)", group="bemsoft")
+    backoff: float = setting("BEMSOFT_BACKOFF", 1.0, Number(0, 3600, unit="s"),
+                             "primeira espera entre retentativas (s), dobra a cada vez",
+                             group="bemsoft")
+    max_backoff: float = setting("BEMSOFT_MAX_BACKOFF", 300.0, Number(1, 86400, unit="s"),
+                                 "espera máxima (retentativas e pausa durante queda da API ou "
+                                 "token recusado)", group="bemsoft")
+    verify_tls: bool = setting("BEMSOFT_VERIFY", True, Flag(), "verificação TLS; `0` só em "
+                               "teste (vira um aviso no log a cada partida)", group="bemsoft")
+    ca_bundle: Path | None = setting(
+        "BEMSOFT_CA_BUNDLE", None, FilePath(), "arquivo PEM com CAs **a mais** em que confiar "
+        "(proxy que inspeciona TLS, CA privada), somadas às do sistema", group="bemsoft",
+        example="C:\\bemsoft\\ca-hospital.pem", commented=True)
+    bemsoft_proxy: str = setting(
+        "BEMSOFT_PROXY", "", ProxyUrl(), "proxy até a API, `http://[usuario:senha@]host:porta` "
+        "(`@` na senha = `%40`); vale mais que `HTTPS_PROXY`; `none` = sem proxy",
+        group="bemsoft", example="http://usuario:senha@proxy.hospital:3128", commented=True)
+    https_proxy: str = setting(
+        "HTTPS_PROXY", "", ProxyUrl(), "proxy do ambiente para uma API `https://`, como em curl "
+        "e pip (a forma minúscula `https_proxy` vale mais)", group="bemsoft",
+        also=("https_proxy",), also_wins=True, example="http://proxy.hospital:3128", commented=True)
+    http_proxy: str = setting(
+        "HTTP_PROXY", "", ProxyUrl(), "proxy do ambiente para uma API `http://` (`http_proxy` "
+        "vale mais)", group="bemsoft", also=("http_proxy",), also_wins=True,
+        example="http://proxy.hospital:3128", commented=True)
+    no_proxy: str = setting(
+        "NO_PROXY", "", Text(), "hosts que vão direto, sem proxy, separados por vírgula "
+        "(`no_proxy` vale mais)", group="bemsoft", also=("no_proxy",), also_wins=True,
+        example="localhost,127.0.0.1,.hospital.local", commented=True)
+    allow_http: bool = setting(
+        "BEMSOFT_ALLOW_HTTP", False, Flag(), "`1` aceita `BEMSOFT_BASE_URL` com `http://` fora "
+        "da própria máquina (o token passaria em claro)", group="bemsoft", commented=True)
+    tests_ttl: float = setting("BEMSOFT_TESTS_TTL", 3600.0, Number(1, 7 * 86400, unit="s"),
+                               "validade do cache do catálogo `/tests` (s)", group="bemsoft")
+    max_attempts: int = setting(
+        "BEMSOFT_MAX_ATTEMPTS", 5, Number(1, 1000, integer=True),
+        "ciclos com falha transitória antes de uma solicitação ir para `FAILED_DIR` (só "
+        "enquanto outras estão passando; numa queda geral o envio pausa)", group="bemsoft")
+    concurrency: int = setting("BEMSOFT_CONCURRENCY", 4, Number(1, 64, integer=True),
+                               "solicitações enviadas em paralelo", group="bemsoft")
+    test_map_path: Path | None = setting(
+        "BEMSOFT_TEST_MAP_PATH", None, FilePath(), "JSON de mapeamento de códigos locais para "
+        "`supportTestId` (veja Mapeamento de exames)", group="bemsoft",
+        example="./tests_map.json", commented=True)
+    # ------------------------------------------------------------ data defaults, physician
+    default_gender: str | None = setting(
+        "DEFAULT_GENDER", None, Choice("M", "F"), "`M` ou `F`, quando o cadastro não traz sexo "
+        "válido (sem ele, a solicitação vai para `FAILED_DIR`)", group="data", example="")
+    default_birthdate: dt.date | None = setting(
+        "DEFAULT_BIRTHDATE", None, Date(), "`AAAA-MM-DD`, quando o cadastro não traz data de "
+        "nascimento válida", group="data", example="")
+    physician_name: str = setting("PHYSICIAN_NAME", "", Text(), "médico solicitante: nome "
+                                  "(enviado só com os quatro `PHYSICIAN_*` preenchidos)",
+                                  group="data", example="")
+    physician_council: str = setting("PHYSICIAN_COUNCIL", "", Text(), "médico: sigla do "
+                                     "conselho (ex.: CRM)", group="data", example="")
+    physician_number: str = setting("PHYSICIAN_NUMBER", "", Text(), "médico: número no "
+                                    "conselho", group="data", example="")
+    physician_uf: str = setting("PHYSICIAN_UF", "", Text(), "médico: UF do conselho",
+                                group="data", example="")
+    # ------------------------------------------------------------ operation
+    log_level: str = setting("LOG_LEVEL", "INFO", Choice("DEBUG", "INFO", "WARNING", "ERROR",
+                                                         "CRITICAL", expected=(
+                                 "deve ser DEBUG, INFO, WARNING ou ERROR")),
+                             "`DEBUG`, `INFO`, `WARNING` ou `ERROR`", group="operation")
+    log_file: Path | None = setting(
+        "LOG_FILE", _path_default("completo/logs/monitor.log"), FilePath(off=_OFF),
+        "log com rotação (10 MB × 10); `-` = só console. Fica numa pasta só dele",
+        group="operation", default_text="completo/logs/monitor.log")
+    metrics_port: int | None = setting(
+        "METRICS_PORT", None, Port(), "porta do endpoint Prometheus `/metrics`, de `/healthz` e "
+        "do painel em `/`; vazio desliga", group="operation", example="")
+    metrics_host: str = setting(
+        "METRICS_HOST", "127.0.0.1", Host(), "endereço onde a porta escuta (`0.0.0.0` para "
+        "acesso de outra máquina; exige `STATUS_TOKEN`)", group="operation")
+    status_token: str = setting(
+        "STATUS_TOKEN", "", Secret(pattern=r"[\x21-\x7e]{16,}", expected=(
+            "deve ter ao menos 16 caracteres, sem espaços (gere um valor aleatório, ex.: python "
+            "-c \"import secrets; print(secrets.token_urlsafe(24))\")")),
+        "senha do painel em `/` (valor aleatório, 16+ caracteres); obrigatória com "
+        "`METRICS_HOST` fora de `127.0.0.1`", group="operation", example="")
+    health_max_age: float = setting("HEALTH_MAX_AGE", 300.0, Number(1, 7 * 86400, unit="s"),
+                                    "`/healthz` responde 503 se nenhum ciclo terminou há mais "
+                                    "de N s", group="operation")
+    # ------------------------------------------------------------ derived by the rules below
+    proxy: Proxy | None = None
+    test_map: Mapping[str, TestMapping] = field(default_factory=dict)
+    physician: Physician | None = None
+    notes: tuple[str, ...] = ()  # warnings to log once logging is set up
+    # the spelling each setting was read under (`https_proxy` or `HTTPS_PROXY`), for messages
+    sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
-    def raw(self, key: str) -> str:
-        """Like str() but keeps the value as written (passwords may start with spaces)."""
-        raw = self.values.get(key)
-        return "" if raw is None else raw
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
 
-    def bool(self, key: str, default: bool) -> bool:
-        raw = self.str(key)
-        if raw is None:
-            return default
-        low = raw.lower()
-        if low in _TRUE:
-            return True
-        if low in _FALSE:
-            return False
-        raise ConfigError(key, f"deve ser 1 ou 0 (recebido: {raw!r})")
+    @property
+    def requests_url(self) -> str:
+        return self.base_url.rstrip("/") + self.endpoint
 
-    def number(self, key: str, default: float, *, minimum: float = 0.0,
-               maximum: float = 1e6, integer: bool = False) -> float:
-        raw = self.str(key)
-        if raw is None:
-            return default
-        kind = "um número inteiro" if integer else "um número"
-        expected = f"deve ser {kind} de {minimum:g} a {maximum:g} (recebido: {raw!r})"
-        try:
-            value = int(raw) if integer else float(raw.replace(",", "."))
-        except ValueError:
-            raise ConfigError(key, expected) from None
-        if not math.isfinite(value) or not minimum <= value <= maximum:
-            raise ConfigError(key, expected)
-        return value
+    @property
+    def tests_url(self) -> str:
+        return self.base_url.rstrip("/") + "/tests"
 
-    def path(self, key: str, default: Path | None) -> Path | None:
-        raw = self.str(key)
-        if raw is None:
-            return default
-        path = Path(raw).expanduser()
-        return path if path.is_absolute() else (self.base_dir / path)
+    def with_overrides(self, **changes) -> "Settings":
+        return replace(self, **changes)
+
+    @cached_property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value the settings hold — the secret settings, the credentials inside
+        URL settings, the proxy's decoded ones — longest first, for `redaction.redact`."""
+        found = []
+        for f, declared in declared_fields():
+            found += declared.kind.secrets_in(getattr(self, f.name))
+        if self.proxy is not None:
+            found += [self.proxy.username, self.proxy.password]
+        if self.db_pass:  # as the ODBC string holds it, too
+            found += [self.db_pass.strip(), self.db_pass.replace("}", "}}")]
+        return tuple(sorted({s for s in found if s and len(s) >= 3}, key=len, reverse=True))
+
+
+def declared_fields() -> Iterator[tuple[dataclasses.Field, Declared]]:
+    """Every declared setting, in declaration order, with its Settings field."""
+    return ((f, f.metadata["setting"]) for f in _FIELDS)
+
+
+_FIELDS = tuple(f for f in dataclasses.fields(Settings) if "setting" in f.metadata)
+
+# Every key the monitor understands; anything else in the process environment is ignored.
+KNOWN_KEYS = tuple(name for _, declared in declared_fields() for name in declared.names)
 
 
 def load_settings(env_file: str | os.PathLike | None = None,
@@ -248,15 +371,102 @@ def load_settings(env_file: str | os.PathLike | None = None,
     return parse_settings(values, base_dir=path.resolve().parent if path.is_file() else PROJECT_DIR)
 
 
-def _env_value(values: Mapping[str, str | None], name: str) -> tuple[str | None, str]:
-    """Proxy variables come in both cases; the lower-case one wins, as in curl and urllib."""
-    for key in (name.lower(), name.upper()):
-        raw = (values.get(key) or "").strip()
-        if raw:
-            return raw, key
-    return None, name.upper()
+def parse_settings(values: Mapping[str, str | None], base_dir: Path = PROJECT_DIR) -> Settings:
+    """Each declared setting parsed by its kind (absent or empty: its default), then the
+    rules that involve several settings."""
+    parsed, sources = {}, {}
+    for f, declared in declared_fields():
+        text, key = declared.lookup(values)
+        if text is not None:
+            parsed[f.name] = declared.kind.parse(key, text, base_dir)
+            sources[f.name] = key
+    settings = Settings(**parsed, sources=sources)
+    for rule in RULES:
+        settings = rule(settings) or settings
+    return settings
 
 
+# ---------------------------------------------------------------- rules across settings
+def require_database(s: Settings) -> None:
+    if s.database_url:
+        return
+    if not s.db_server:
+        raise ConfigError("DB_SERVER", "é obrigatório (ex.: localhost\\SQLEXPRESS) "
+                                       "quando DATABASE_URL não está definido")
+    if not s.db_name:
+        raise ConfigError("DB_NAME", "é obrigatório (nome da base do sistema legado)")
+
+
+def require_terceiros(s: Settings) -> None:
+    if not s.terceiros:
+        raise ConfigError("TERCEIROS", "é obrigatório: nomes dos laboratórios de apoio em "
+                                       "ItemSol.NomeTerceirizado, separados por vírgula "
+                                       "(ou TERCEIRO, com um só nome)")
+
+
+def require_https(s: Settings) -> None:
+    parts = urlsplit(s.base_url)
+    if parts.scheme == "http" and not is_loopback(parts.hostname) and not s.allow_http:
+        raise ConfigError("BEMSOFT_BASE_URL", "deve usar https:// (com http:// o token e os "
+                                              "dados dos pacientes passariam em claro); para "
+                                              "aceitar http:// mesmo assim, BEMSOFT_ALLOW_HTTP=1")
+
+
+def choose_proxy(s: Settings) -> Settings:
+    return replace(s, proxy=select_proxy(s))
+
+
+def check_ca(s: Settings) -> None:
+    if s.ca_bundle is not None:
+        check_ca_bundle(s.ca_bundle)
+
+
+def require_token(s: Settings) -> None:
+    if not s.dry_run and not s.token:
+        raise ConfigError("BEMSOFT_TOKEN", "é obrigatório quando BEMSOFT_DRY_RUN=0 "
+                                           "(token Bearer fornecido pela Bemsoft)")
+
+
+def load_mapping(s: Settings) -> Settings | None:
+    if s.test_map_path is not None:
+        return replace(s, test_map=load_test_map(s.test_map_path))
+    return None
+
+
+def gather_physician(s: Settings) -> Settings:
+    parts = (s.physician_name, s.physician_council, s.physician_number, s.physician_uf)
+    if all(parts):
+        return replace(s, physician=Physician(*parts))
+    if any(parts):
+        return _note(s, "Médico não será enviado: preencha PHYSICIAN_NAME, PHYSICIAN_COUNCIL, "
+                        "PHYSICIAN_NUMBER e PHYSICIAN_UF (todos) para incluí-lo no pedido.")
+    return s
+
+
+def warn_unverified(s: Settings) -> Settings | None:
+    if s.verify_tls:
+        return None
+    return _note(s, "BEMSOFT_VERIFY=0: o certificado TLS da API NÃO é verificado; qualquer um "
+                    "no caminho pode ler o token e os dados dos pacientes. Use "
+                    "BEMSOFT_CA_BUNDLE com a CA da rede e volte para BEMSOFT_VERIFY=1.")
+
+
+def require_status_token(s: Settings) -> None:
+    if s.metrics_port is not None and not is_loopback(s.metrics_host) and not s.status_token:
+        raise ConfigError("STATUS_TOKEN", f"é obrigatório com METRICS_HOST={s.metrics_host} (fora "
+                                          "de 127.0.0.1): o painel em / mostra a situação do "
+                                          "envio a quem alcançar a porta; gere um valor aleatório")
+
+
+def _note(s: Settings, text: str) -> Settings:
+    return replace(s, notes=(*s.notes, text))
+
+
+RULES = (require_database, require_terceiros, require_https, choose_proxy, check_ca,
+         require_token, gather_physician, warn_unverified, load_mapping, require_status_token)
+
+
+# ---------------------------------------------------------------- helpers of the rules
 def parse_proxy(raw: str, key: str) -> Proxy:
     """`http://[user:password@]host:port` -> Proxy. The error names the key, never the value
     (it may hold a password)."""
@@ -278,23 +488,23 @@ def parse_proxy(raw: str, key: str) -> Proxy:
                  unquote(parts.password or ""))
 
 
-def select_proxy(values: Mapping[str, str | None], base_url: str) -> Proxy | None:
+def select_proxy(s: Settings) -> Proxy | None:
     """BEMSOFT_PROXY wins (`none` turns proxies off); else HTTPS_PROXY/HTTP_PROXY by the
     API's scheme, unless NO_PROXY lists its host. A loopback API never goes through one."""
-    own = (values.get("BEMSOFT_PROXY") or "").strip()
+    own = s.bemsoft_proxy
     if own.lower() in ("none", "off", "-", "direto", "direct"):
         return None
     if own:
         return parse_proxy(own, "BEMSOFT_PROXY")
-    parts = urlsplit(base_url)
-    raw, key = _env_value(values, f"{parts.scheme}_proxy")
-    if raw is None or is_loopback(parts.hostname):
+    parts = urlsplit(s.base_url)
+    raw = s.https_proxy if parts.scheme == "https" else s.http_proxy
+    if not raw or is_loopback(parts.hostname):
         return None
-    no_proxy, _ = _env_value(values, "no_proxy")
     host = parts.hostname + (f":{parts.port}" if parts.port else "")
-    if no_proxy and proxy_bypass_environment(host, {"no": no_proxy}):
+    if s.no_proxy and proxy_bypass_environment(host, {"no": s.no_proxy}):
         return None
-    return parse_proxy(raw, key)
+    name = f"{parts.scheme}_proxy"
+    return parse_proxy(raw, s.sources.get(name, name.upper()))
 
 
 def load_settings_or_report(env_file, stream) -> Settings | None:
@@ -319,203 +529,6 @@ def read_env_text(path: Path) -> str:
         return raw.decode("cp1252", errors="replace")
 
 
-def parse_settings(values: Mapping[str, str | None], base_dir: Path = PROJECT_DIR) -> Settings:
-    r = _Reader(values, base_dir)
-
-    database_url = r.str("DATABASE_URL")
-    db_server = r.str("DB_SERVER", "")
-    db_name = r.str("DB_NAME", "")
-    if not database_url:
-        if not db_server:
-            raise ConfigError("DB_SERVER", "é obrigatório (ex.: localhost\\SQLEXPRESS) "
-                                           "quando DATABASE_URL não está definido")
-        if not db_name:
-            raise ConfigError("DB_NAME", "é obrigatório (nome da base do sistema legado)")
-    elif "://" not in database_url:
-        raise ConfigError("DATABASE_URL", "deve ser uma URL do SQLAlchemy "
-                                          "(ex.: postgresql+psycopg://usuario@host/base)")
-    else:
-        check_database_url(database_url)
-
-    terceiros_raw = r.str("TERCEIROS") or r.str("TERCEIRO")
-    terceiros = tuple(t.strip() for t in (terceiros_raw or "").split(",") if t.strip())
-    if not terceiros:
-        raise ConfigError("TERCEIROS", "é obrigatório: nomes dos laboratórios de apoio em "
-                                       "ItemSol.NomeTerceirizado, separados por vírgula "
-                                       "(ou TERCEIRO, com um só nome)")
-
-    start_from = r.str("START_FROM")
-    if start_from is not None:
-        start_from = start_from.lower()
-        if start_from != "latest" and not start_from.isdigit():
-            raise ConfigError("START_FROM", "deve ser 0, latest ou um CodItemSol "
-                                            f"(recebido: {start_from!r})")
-
-    timezone = r.str("TIMEZONE", "America/Sao_Paulo")
-    try:
-        ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError("TIMEZONE", f"deve ser um fuso IANA como America/Sao_Paulo "
-                                      f"(recebido: {timezone!r})") from None
-
-    base_url = r.str("BEMSOFT_BASE_URL", "https://bemsoft.ws.wiselab.com.br")
-    parts = urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError("BEMSOFT_BASE_URL", "deve ser uma URL http(s), ex.: "
-                                              f"https://bemsoft.ws.wiselab.com.br (recebido: {base_url!r})")
-    if (parts.scheme == "http" and not is_loopback(parts.hostname)
-            and not r.bool("BEMSOFT_ALLOW_HTTP", False)):
-        raise ConfigError("BEMSOFT_BASE_URL", "deve usar https:// (com http:// o token e os "
-                                              "dados dos pacientes passariam em claro); para "
-                                              "aceitar http:// mesmo assim, BEMSOFT_ALLOW_HTTP=1")
-    proxy = select_proxy(values, base_url)
-    ca_bundle = r.path("BEMSOFT_CA_BUNDLE", None)
-    if ca_bundle is not None:
-        check_ca_bundle(ca_bundle)
-    endpoint = r.str("BEMSOFT_ENDPOINT", "/requests")
-    if not endpoint.startswith("/"):
-        raise ConfigError("BEMSOFT_ENDPOINT", f"deve começar com / (recebido: {endpoint!r})")
-
-    dry_run = r.bool("BEMSOFT_DRY_RUN", False)
-    token = r.str("BEMSOFT_TOKEN", "") or ""
-    if not dry_run and not token:
-        raise ConfigError("BEMSOFT_TOKEN", "é obrigatório quando BEMSOFT_DRY_RUN=0 "
-                                           "(token Bearer fornecido pela Bemsoft)")
-    if token and not re.fullmatch(r"[\x21-\x7e]+", token):
-        raise ConfigError("BEMSOFT_TOKEN", "deve ter só caracteres ASCII visíveis, sem espaços, "
-                                           "quebras de linha ou acentos (confira aspas e \\n "
-                                           "no .env); o valor não é mostrado")
-
-    default_gender = r.str("DEFAULT_GENDER")
-    if default_gender is not None:
-        default_gender = default_gender.upper()
-        if default_gender not in ("M", "F"):
-            raise ConfigError("DEFAULT_GENDER", f"deve ser M ou F (recebido: {default_gender!r})")
-
-    default_birthdate = None
-    raw_birth = r.str("DEFAULT_BIRTHDATE")
-    if raw_birth is not None:
-        try:
-            default_birthdate = dt.date.fromisoformat(raw_birth)
-        except ValueError:
-            raise ConfigError("DEFAULT_BIRTHDATE", "deve ser uma data AAAA-MM-DD "
-                                                   f"(recebido: {raw_birth!r})") from None
-
-    physician_values = [r.str(k) for k in ("PHYSICIAN_NAME", "PHYSICIAN_COUNCIL",
-                                           "PHYSICIAN_NUMBER", "PHYSICIAN_UF")]
-    physician = Physician(*physician_values) if all(physician_values) else None
-    notes = []
-    if any(physician_values) and physician is None:
-        notes.append("Médico não será enviado: preencha PHYSICIAN_NAME, PHYSICIAN_COUNCIL, "
-                     "PHYSICIAN_NUMBER e PHYSICIAN_UF (todos) para incluí-lo no pedido.")
-
-    verify_tls = r.bool("BEMSOFT_VERIFY", True)
-    if not verify_tls:
-        notes.append("BEMSOFT_VERIFY=0: o certificado TLS da API NÃO é verificado; qualquer um "
-                     "no caminho pode ler o token e os dados dos pacientes. Use "
-                     "BEMSOFT_CA_BUNDLE com a CA da rede e volte para BEMSOFT_VERIFY=1.")
-
-    test_map_path = r.path("BEMSOFT_TEST_MAP_PATH", None)
-    test_map = load_test_map(test_map_path) if test_map_path else {}
-
-    log_level = (r.str("LOG_LEVEL", "INFO") or "INFO").upper()
-    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ConfigError("LOG_LEVEL", "deve ser DEBUG, INFO, WARNING ou ERROR "
-                                       f"(recebido: {log_level!r})")
-
-    log_file_raw = r.str("LOG_FILE")
-    if log_file_raw is not None and log_file_raw.lower() in ("-", "none", "off", "0"):
-        log_file = None
-    else:
-        log_file = r.path("LOG_FILE", PROJECT_DIR / "completo" / "logs" / "monitor.log")
-
-    metrics_port = r.str("METRICS_PORT")
-    if metrics_port is not None:
-        metrics_port = int(r.number("METRICS_PORT", 0, minimum=1, maximum=65535, integer=True))
-
-    metrics_host = r.str("METRICS_HOST", "127.0.0.1")
-    if not _HOSTNAME.match(metrics_host) and not _is_ip(metrics_host):
-        raise ConfigError("METRICS_HOST", "deve ser um endereço IP (ex.: 127.0.0.1, 0.0.0.0) ou "
-                                          f"um nome de máquina (recebido: {metrics_host!r})")
-    status_token = r.str("STATUS_TOKEN", "") or ""
-    if status_token and not _TOKEN.match(status_token):
-        raise ConfigError("STATUS_TOKEN", "deve ter ao menos 16 caracteres, sem espaços "
-                                          "(gere um valor aleatório, ex.: python -c \"import "
-                                          "secrets; print(secrets.token_urlsafe(24))\")")
-    if metrics_port is not None and not is_loopback(metrics_host) and not status_token:
-        raise ConfigError("STATUS_TOKEN", f"é obrigatório com METRICS_HOST={metrics_host} (fora de "
-                                          "127.0.0.1): o painel em / mostra a situação do envio a "
-                                          "quem alcançar a porta; gere um valor aleatório")
-
-    batch_size = int(r.number("BATCH_SIZE", 500, minimum=1, maximum=2000, integer=True))
-    # at most 2000: SQL Server takes at most 2100 parameters in one statement
-
-    monitor_name = r.str("MONITOR_NAME", "bemsoft")
-    if len(monitor_name) > 90:
-        raise ConfigError("MONITOR_NAME", "deve ter no máximo 90 caracteres")
-
-    return Settings(
-        database_url=database_url,
-        db_server=db_server,
-        db_name=db_name,
-        db_user=r.str("DB_USER", "") or "",
-        db_pass=r.raw("DB_PASS"),
-        odbc_driver=r.str("ODBC_DRIVER", "ODBC Driver 18 for SQL Server"),
-        db_encrypt=r.bool("DB_ENCRYPT", True),
-        db_trust_cert=r.bool("DB_TRUST_CERT", False),
-        db_login_timeout=int(r.number("DB_LOGIN_TIMEOUT", 15, minimum=1, maximum=300, integer=True)),
-        db_query_timeout=int(r.number("DB_QUERY_TIMEOUT", 60, minimum=1, maximum=3600, integer=True)),
-        terceiros=terceiros,
-        poll_seconds=r.number("POLL_SECONDS", 5.0, minimum=0.1, maximum=3600),
-        debounce_seconds=r.number("DEBOUNCE_SECONDS", 0.0, maximum=86400),
-        start_from=start_from,
-        lookback_items=int(r.number("LOOKBACK_ITEMS", 1000, integer=True)),
-        batch_size=batch_size,
-        monitor_name=monitor_name,
-        timezone=timezone,
-        failed_dir=r.path("FAILED_DIR", PROJECT_DIR / "completo" / "failed_events"),
-        base_url=base_url,
-        endpoint=endpoint,
-        token=token,
-        timeout=r.number("BEMSOFT_TIMEOUT", 30.0, minimum=0.1, maximum=600),
-        retries=int(r.number("BEMSOFT_RETRIES", 3, maximum=20, integer=True)),
-        backoff=r.number("BEMSOFT_BACKOFF", 1.0, maximum=3600),
-        max_backoff=r.number("BEMSOFT_MAX_BACKOFF", 300.0, minimum=1.0, maximum=86400),
-        verify_tls=verify_tls,
-        ca_bundle=ca_bundle,
-        proxy=proxy,
-        dry_run=dry_run,
-        tests_ttl=r.number("BEMSOFT_TESTS_TTL", 3600.0, minimum=1.0, maximum=7 * 86400),
-        max_attempts=int(r.number("BEMSOFT_MAX_ATTEMPTS", 5, minimum=1, maximum=1000, integer=True)),
-        concurrency=int(r.number("BEMSOFT_CONCURRENCY", 4, minimum=1, maximum=64, integer=True)),
-        test_map=test_map,
-        test_map_path=test_map_path,
-        default_gender=default_gender,
-        default_birthdate=default_birthdate,
-        physician=physician,
-        log_level=log_level,
-        log_file=log_file,
-        metrics_port=metrics_port,
-        metrics_host=metrics_host,
-        health_max_age=r.number("HEALTH_MAX_AGE", 300.0, minimum=1.0, maximum=7 * 86400),
-        status_token=status_token,
-        notes=tuple(notes),
-    )
-
-
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
-_TOKEN = re.compile(r"^[\x21-\x7e]{16,}$")
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 def is_loopback(host: str) -> bool:
     """127.0.0.0/8, ::1 or localhost: reachable from this machine only."""
     if host.lower() == "localhost":
@@ -524,19 +537,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def check_database_url(url: str) -> None:
-    """A malformed URL (a port that is not a number...) is a configuration error, not a
-    traceback when the engine is created. The message never repeats the URL (password)."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-    try:
-        make_url(url)
-    except (ArgumentError, ValueError) as err:
-        what = "porta inválida (deve ser um número)" if "int()" in str(err) else "formato inválido"
-        raise ConfigError("DATABASE_URL", f"não é uma URL válida do SQLAlchemy: {what} "
-                                          "(ex.: postgresql+psycopg://usuario@host:5432/base)") from None
 
 
 def check_ca_bundle(path: Path) -> None:
@@ -601,11 +601,16 @@ class ServiceSettings:
 
 
 def load_service_settings(environ: Mapping[str, str] | None = None) -> ServiceSettings:
-    r = _Reader(os.environ if environ is None else environ, PROJECT_DIR)
+    env = os.environ if environ is None else environ
+
+    def read(key, kind, default):
+        text = (env.get(key) or "").strip()
+        return kind.parse(key, text, PROJECT_DIR) if text else default
+
     return ServiceSettings(
-        run_dir=r.path("MONITOR_RUN_DIR", PROJECT_DIR / "completo" / "run"),
-        log_dir=r.path("MONITOR_LOG_DIR", PROJECT_DIR / "completo" / "logs"),
-        stop_timeout=r.number("STOP_TIMEOUT", 120.0, minimum=1, maximum=86400),
-        start_check=r.number("START_CHECK_SECONDS", 2.0, minimum=0, maximum=60),
-        retry_interval=r.number("RETRY_INTERVAL", 300.0, minimum=0.1, maximum=86400),
+        run_dir=read("MONITOR_RUN_DIR", FilePath(), PROJECT_DIR / "completo" / "run"),
+        log_dir=read("MONITOR_LOG_DIR", FilePath(), PROJECT_DIR / "completo" / "logs"),
+        stop_timeout=read("STOP_TIMEOUT", Number(1, 86400), 120.0),
+        start_check=read("START_CHECK_SECONDS", Number(0, 60), 2.0),
+        retry_interval=read("RETRY_INTERVAL", Number(0.1, 86400), 300.0),
     )

@@ -264,7 +264,7 @@ def start_metrics_server(monitor, port: int, max_age: float, host: str = "127.0.
             if path == "/" and console is not None:
                 if console.authorized(self.headers, query):
                     try:
-                        status, body = 200, console.render().encode("utf-8")
+                        status, body = 200, console.render(query).encode("utf-8")
                     except Exception:  # a bug costs this page load, never the monitor
                         log.exception("Erro ao montar o painel")
                         status, body = 500, "Erro ao montar o painel; veja o log.\n".encode("utf-8")

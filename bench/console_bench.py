@@ -23,7 +23,8 @@ from pathlib import Path
 
 from bemsoft_monitor.client import Delivery
 from bemsoft_monitor.config import parse_settings
-from bemsoft_monitor.console import Console, FailureScan
+from bemsoft_monitor.console import Console
+from bemsoft_monitor.console.scan import FailureScan
 from bemsoft_monitor.failures import FailureRecord, FailureStore
 from bemsoft_monitor.status import DELIVERED, FAILED, StatusBoard
 

@@ -8,14 +8,21 @@ import json
 import re
 import urllib.error
 import urllib.request
+from html import escape
+from html.parser import HTMLParser
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from bemsoft_monitor.client import Delivery
 from bemsoft_monitor.config import ConfigError, Proxy, is_loopback, parse_settings
-from bemsoft_monitor.console import (Console, FailureScan, authorized, build_page, mask_url,
-                                     reason_group, render_page, replay_command)
+from bemsoft_monitor.console import Console
+from bemsoft_monitor.console.access import authorized
+from bemsoft_monitor.console.markup import render_page
+from bemsoft_monitor.console.page import build_page
+from bemsoft_monitor.console.panels import PANELS, Panel
+from bemsoft_monitor.console.scan import FailureScan, reason_group
+from bemsoft_monitor.console.words import mask_url, replay_command
 from bemsoft_monitor.failures import FailureRecord, FailureStore
 from bemsoft_monitor.status import DELIVERED, FAILED, StatusBoard
 from conftest import LAB, TOKEN, run
@@ -76,9 +83,9 @@ def test_page_figures_banner_and_chart(tmp_path):
     board.progress(4321, 12, more=True)
     settings = settings_for(tmp_path)
     page = build_page(board.snapshot(), settings, FailureScan(settings.failed_dir).summary())
-    assert page.banner.text == "API indisponível — envio pausado até 10:03:30"
-    assert page.banner.since == "desde 10:02:00 (há 1 min)"
-    tiles = {label: (value, detail) for label, value, detail in page.tiles}
+    assert page["estado"].banner.text == "API indisponível — envio pausado até 10:03:30"
+    assert page["estado"].banner.since == "desde 10:02:00 (há 1 min)"
+    tiles = {label: (value, detail) for label, value, detail in page["estado"].tiles}
     assert tiles["Checkpoint"][0] == "4321"
     assert tiles["Backlog"] == ("12 itens", "além do checkpoint (e mais nas próximas páginas), "
                                             "ainda sem resultado")
@@ -86,8 +93,8 @@ def test_page_figures_banner_and_chart(tmp_path):
     assert tiles["Entregas"] == ("3 hoje", "3 na última hora")
     assert tiles["Falhas"] == ("1 hoje", "1 na última hora")
     assert tiles["Latência da API"] == ("100 ms", "mediana; p95 1000 ms")
-    assert [o[1] for o in page.outcomes] == ["9", "8", "7", "2", "1", "0"]
-    assert page.outcomes[0] == ("10:03:00", "9", "4", "400", "20 ms", FAILED, "sol-9-k")
+    assert [o[1] for o in page["resultados"]] == ["9", "8", "7", "2", "1", "0"]
+    assert page["resultados"][0] == ("10:03:00", "9", "4", "400", "20 ms", FAILED, "sol-9-k")
 
     html = render_page(page)
     chart = bars(html)
@@ -96,7 +103,7 @@ def test_page_figures_banner_and_chart(tmp_path):
     assert sum(b[0] for b in chart[:-4]) == 0
     assert html.count("<rect ") == 3                   # one bar per non-zero series and minute
     assert '<meta http-equiv="refresh" content="5">' in html
-    assert "<script" not in html and "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
 
 
 @pytest.mark.parametrize("feed, text", [
@@ -111,7 +118,7 @@ def test_banner_words(tmp_path, feed, text):
     feed(board)
     settings = settings_for(tmp_path)
     page = build_page(board.snapshot(), settings, FailureScan(settings.failed_dir).summary())
-    assert page.banner.text == text
+    assert page["estado"].banner.text == text
 
 
 def test_dry_run_banner(tmp_path):
@@ -140,18 +147,18 @@ def test_failures_grouped_by_reason_with_replay_command_and_no_patient_data(tmp_
                                                    "proxyuser", "PROXY-SENHA"))
     console = Console(board, settings)
     page = console.page()
-    assert [(row[0], row[1]) for row in page.failure_rows] == [
+    assert [(row[0], row[1]) for row in page["falhas"].rows] == [
         ("paciente sem sexo M/F", "2"),
         ("API rejeitou o pedido (HTTP 400, validação)", "1"),
         ("exame 'XYZ999' não existe no catálogo /tests da Bemsoft", "1")]
-    assert page.failure_rows[0][3] == "101, 102"
-    assert page.failures.count == 5 and page.failures.unreadable == ("quebrado.json",)
+    assert page["falhas"].rows[0][3] == "101, 102"
+    assert page["falhas"].summary.count == 5 and page["falhas"].summary.unreadable == ("quebrado.json",)
     html = render_page(page)
     assert f"python retry_failed.py --dir {settings.failed_dir} --send" in html
     for secret in ("Maria", "Sigilosa", "98765432100", "987.654.321-00", "1957-03-14", "14/03/1957",
                    TOKEN, "SENHA-DO-BANCO", "PROXY-SENHA", "proxyuser", "painel-token-0123456789"):
         assert secret not in html, secret
-    settings_shown = dict(page.settings)
+    settings_shown = dict(page["configuracao"])
     assert settings_shown["Proxy"] == "http://***@proxy.lab:3128 (de BEMSOFT_PROXY)"
     assert settings_shown["Banco de dados"] == "postgresql: db.lab.local:5433 / LIS"
     assert settings_shown["API"] == "https://bemsoft.example.test"
@@ -208,6 +215,114 @@ def test_mask_url():
     assert mask_url("http://u:p@proxy:8080") == "http://***@proxy:8080"
     assert mask_url("proxy.lab:3128") == "http://proxy.lab:3128"
     assert mask_url(None) is None
+
+
+# ---------------------------------------------------------------- markup in the data stays text
+ATTACKS = {
+    "img": '"><img src=x onerror=alert({n})>',
+    "script": "<script>alert({n})</script>",
+    "textarea": "</textarea><b onmouseover=alert({n})>",
+    "link": '<a href="javascript:alert({n})">abrir</a>',
+    "js": "javascript:alert({n})",
+}
+
+
+def injected_page(tmp_path, harmless=False):
+    """The page rendered with markup in every field that carries text from outside the
+    monitor: a failure reason, an exam code, solicitation codes, an Idempotency-Key, settings
+    values, FAILED_DIR and failure file names (`harmless`: plain words in the same places).
+    Returns the HTML and the injected texts, each numbered so that each field is told apart."""
+    injected = []
+
+    def word(kind):
+        n = len(injected)
+        injected.append(f"inofensivo-{n}" if harmless else ATTACKS[kind].format(n=n))
+        return injected[-1]
+
+    settings = settings_for(tmp_path, FAILED_DIR=str(tmp_path / word("img")), MONITOR_NAME=word("script"),
+                            TERCEIROS=f"{word('textarea')},{word('link')}")
+    store = FailureStore(settings.failed_dir)
+    event = {"cod_solicitacao": 1, "items": [{"CodItemSol": 11, "CodConvExames": "X"}]}
+    store.write(FailureRecord(reason=f"API rejeitou o pedido {word('img')}: detalhe", key="sol-1-k",
+                              cod=word("textarea"), item_ids=[11], event=event))
+    store.write(FailureRecord(reason=f"item 12: exame '{word('script')}' não existe no catálogo /tests da "
+                                     "Bemsoft: cadastre-o", key="sol-2-k", cod=word("link"), item_ids=[12],
+                              event=event))
+    for name in (word("img"), word("js")):
+        (settings.failed_dir / f"{name}.json").write_text("{", encoding="utf-8")
+    board = StatusBoard(clock=Clock(), tz=SP)
+    board.settled(word("script"), 1, word("img"), FAILED, Delivery("permanent", 400, 1, "x", duration=0.02))
+    board.settled(word("js"), 1, word("textarea"), DELIVERED, ok())
+    return Console(board, settings).render(), injected
+
+
+class Parsed(HTMLParser):
+    """Every element with its attribute names, and every text node, as a browser reads them."""
+
+    def __init__(self, html):
+        super().__init__(convert_charrefs=True)
+        self.elements, self.texts = [], []
+        self.feed(html)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.append((tag, tuple(sorted(name for name, _ in attrs))))
+
+    handle_startendtag = handle_starttag
+
+    def handle_data(self, data):
+        self.texts.append(data)
+
+
+def test_markup_in_the_data_renders_as_text(tmp_path):
+    html, injected = injected_page(tmp_path / "atacado")
+    page = Parsed(html)
+    assert page.elements == Parsed(injected_page(tmp_path / "inofensivo", harmless=True)[0]).elements
+    tags = {tag for tag, _ in page.elements}
+    attributes = {name for _, names in page.elements for name in names}
+    assert not tags & {"script", "img", "textarea", "a", "iframe", "form", "input"}
+    assert not [name for name in attributes if name.startswith("on") or name in ("src", "href")]
+    for text in injected:                        # each one reached the page, as text
+        assert any(text in node for node in page.texts), text
+
+
+# ---------------------------------------------------------------- panels
+class QueryEcho(Panel):
+    """A panel that shows what it was asked (the search panel reads `?q=` the same way)."""
+    anchor, title = "eco", "Eco <da busca>"
+
+    def build(self, ctx):
+        return ctx.param("q"), sorted(ctx.query)
+
+    def render(self, view):
+        return f"<p>q={escape(view[0])}; parâmetros={escape(','.join(view[1]))}</p>"
+
+
+def test_a_panel_is_built_from_the_query_and_framed_by_the_page(tmp_path):
+    settings = settings_for(tmp_path)
+    console = Console(StatusBoard(clock=Clock(), tz=SP), settings, panels=(*PANELS, QueryEcho()))
+    page = console.page("q=%2043335%20&x=1&token=painel-token-0123456789")
+    assert page["eco"] == ("43335", ["q", "x"])               # no panel sees the token
+    assert page["falhas"].summary.count == 0
+    html = render_page(page)
+    assert ('<h2 id="eco">Eco &lt;da busca&gt;</h2><div class="card"><p>q=43335; parâmetros=q,x</p></div>'
+            '<footer>') in html
+    assert [m for m in re.findall(r'id="(\w+)"', html)] == [p.anchor for p in PANELS] + ["eco"]
+    with pytest.raises(KeyError):
+        page["busca"]
+
+
+def test_the_console_imports_neither_the_loop_nor_the_cli():
+    code = ("import importlib, pkgutil, sys\n"
+            "import bemsoft_monitor.console as console\n"
+            "for module in pkgutil.walk_packages(console.__path__, 'bemsoft_monitor.console.'):\n"
+            "    importlib.import_module(module.name)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('bemsoft_monitor.')))\n")
+    loaded = run("-c", code).stdout
+    assert "bemsoft_monitor.console.panels.state" in loaded
+    for module in ("monitor", "planner", "sender", "ledger", "outcomes", "app", "cli", "checks",
+                   "metrics", "replay_cli"):
+        assert f"'bemsoft_monitor.{module}'" not in loaded, module
 
 
 # ---------------------------------------------------------------- access
@@ -291,11 +406,11 @@ def test_status_command_says_what_the_page_says(env_file, legacy, tmp_path):
     settings = parse_settings(dict(line.split("=", 1) for line in
                                    env_file.read_text(encoding="utf-8").splitlines() if "=" in line),
                               base_dir=tmp_path)
-    page = Console(StatusBoard(tz=SP), settings, env_file=str(env_file)).page()
-    assert page.failure_rows[0][0] == "paciente sem sexo M/F"
-    assert f"      1  {page.failure_rows[0][0]} (mais antiga: {page.failure_rows[0][2]})" in result.stdout
-    assert f"Para reenviar depois de corrigir a causa: {page.replay}" in result.stdout
-    assert f"--env-file {env_file}" in page.replay
+    failures = Console(StatusBoard(tz=SP), settings, env_file=str(env_file)).page()["falhas"]
+    assert failures.rows[0][0] == "paciente sem sexo M/F"
+    assert f"      1  {failures.rows[0][0]} (mais antiga: {failures.rows[0][2]})" in result.stdout
+    assert f"Para reenviar depois de corrigir a causa: {failures.replay}" in result.stdout
+    assert f"--env-file {env_file}" in failures.replay
     assert "Sigiloso" not in result.stdout
     data = json.loads(next((tmp_path / "failed").glob("*.json")).read_text(encoding="utf-8"))
     assert data["event"]["paciente"]["nome"] == "Paciente Sigiloso"   # the file has it; we do not
@@ -398,8 +513,8 @@ def test_token_in_the_query_never_reaches_the_log(harness, caplog, capfd):
     from bemsoft_monitor.metrics import start_metrics_server
     token = "painel-token-0123456789"
     monitor = harness.monitor(STATUS_TOKEN=token)
-    server = start_metrics_server(monitor, 0, max_age=60,
-                                  console=Console(monitor.status, monitor.settings))
+    server = start_metrics_server(monitor, 0, max_age=60, console=Console(
+        monitor.status, monitor.settings, panels=(*PANELS, QueryEcho())))
     malformed = {  # request line -> the status that answers it
         f"GET /?token={token} HTTP/1.1 sobra": 400, f"GET /?token={token} HTTP/x.y": 400,
         f"GET /?token={token} HTTP/2.0": 505, f"\x16\x03\x01 /?token={token} \xfc": 400,
@@ -407,9 +522,10 @@ def test_token_in_the_query_never_reaches_the_log(harness, caplog, capfd):
     answers = {}
     try:
         with caplog.at_level("DEBUG", logger="bemsoft_monitor.metrics"):
-            url = f"http://127.0.0.1:{server.server_port}/?token={token}"
+            url = f"http://127.0.0.1:{server.server_port}/?token={token}&q=43335"
             with urllib.request.urlopen(url, timeout=5) as resp:
                 assert resp.status == 200
+                html = resp.read().decode("utf-8")
             for line in malformed:
                 with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as sock:
                     sock.sendall(line.encode("latin-1") + b"\r\nHost: x\r\n\r\n")
@@ -417,6 +533,8 @@ def test_token_in_the_query_never_reaches_the_log(harness, caplog, capfd):
             server.shutdown()
     finally:
         server.server_close()
+    assert "<p>q=43335; parâmetros=q</p>" in html     # the query reached the panels, the token did not
+    assert token not in html
     for line, status in malformed.items():     # answered, not dropped by an exception
         assert answers[line].split()[1:2] == [str(status).encode()], (line, answers[line])
     assert "metrics: GET / 200" in caplog.text

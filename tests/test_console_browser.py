@@ -130,3 +130,21 @@ def test_docs_screenshot_script_draws_the_panel(tmp_path):
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
 
+
+
+def test_markup_in_the_data_stays_inert_in_chromium(chromium, tmp_path):
+    from selenium.common.exceptions import NoAlertPresentException
+
+    from test_console import injected_page
+    html, injected = injected_page(tmp_path)
+    page = tmp_path / "painel.html"
+    page.write_text(html, encoding="utf-8")
+    driver = chromium.driver
+    driver.get(page.as_uri())
+    with pytest.raises(NoAlertPresentException):
+        driver.switch_to.alert
+    assert driver.execute_script(
+        "return document.querySelectorAll('script, img, textarea, a, [onerror], [onmouseover]').length") == 0
+    shown = driver.title + "\n" + driver.find_element("tag name", "body").text
+    for text in injected:
+        assert text in shown, text

@@ -1,0 +1,49 @@
+"""The operator console (`/` on the metrics server) and the words `--status` shares with it.
+
+`Console` is what the HTTP server calls. A page load builds a `Context` (a StatusBoard
+snapshot, the settings, a FAILED_DIR summary, the request's query), lets each panel of
+`panels.PANELS` build its view from it (`page`) and writes them as one self-contained HTML
+page (`markup`: inline CSS, an inline SVG chart, no JavaScript, refreshes itself). `words`
+holds what `--status` says the same way, `scan` reads FAILED_DIR, `access` checks
+STATUS_TOKEN. Nothing here queries the database, and nothing here may show patient data:
+failure files are read only for their reason (generalised, see `scan.reason_group`), time,
+solicitation code, item count and status. The console imports neither the loop nor the CLI.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+from urllib.parse import parse_qs
+
+from ..config import Settings
+from ..status import StatusBoard
+from .access import authorized
+from .markup import render_page
+from .page import Page, build_page
+from .panels import PANELS, Panel
+from .scan import FailureScan
+
+
+class Console:
+    """What the HTTP server calls: `render(query)` and `authorized(headers, query)`."""
+
+    def __init__(self, board: StatusBoard, settings: Settings, *, env_file: str | None = None,
+                 scan: FailureScan | None = None, panels: tuple[Panel, ...] = PANELS):
+        self.board, self.settings = board, settings
+        self.env_file = env_file
+        self.scan = scan or FailureScan(settings.failed_dir)
+        self.panels = panels
+
+    def page(self, query: str = "") -> Page:
+        params = parse_qs(query)
+        params.pop("token", None)   # the credential is checked by `authorized`, never shown
+        return build_page(self.board.snapshot(), self.settings, self.scan.summary(),
+                          env_file=self.env_file, query=params, panels=self.panels)
+
+    def render(self, query: str = "") -> str:
+        return render_page(self.page(query))
+
+    def authorized(self, headers: Mapping[str, str], query: str) -> bool:
+        return authorized(self.settings.status_token, headers, query)
+
+
+__all__ = ["Console"]
