@@ -4,13 +4,9 @@ The CLIs, the demo and the tests build their objects here, so every path runs th
 pipeline with the same parts."""
 from __future__ import annotations
 
-import csv
-import getpass
 import logging
 import logging.handlers
-import os
 import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -23,6 +19,7 @@ from .config import Settings
 from .db import create_db_engine
 from .failures import FailureStore
 from .monitor import Monitor
+from .privacy import LOG_BACKUPS, protect_private_data
 from .redaction import RedactingFormatter
 from .retry import PauseGate
 from .source import LegacySource
@@ -31,92 +28,14 @@ from .status import StatusBoard
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-SYSTEM_SID = "*S-1-5-18"            # LocalSystem (the NSSM service's default account)
-ADMINISTRATORS_SID = "*S-1-5-32-544"  # BUILTIN\\Administrators (language-independent)
-
-
-def private_folders(settings: Settings) -> list[Path]:
-    """The folders that hold patient data: FAILED_DIR and the log folder."""
-    folders = [Path(settings.failed_dir)]
-    if settings.log_file:
-        folders.append(Path(settings.log_file).parent)
-    return folders
-
-
-def protect_private_data(settings: Settings) -> None:
-    """Patient data stays with its owner. POSIX: umask 077 for everything this process
-    creates (log files 0600, folders 0700), and FAILED_DIR and an existing log file closed to
-    others. Windows: FAILED_DIR and the log folder closed to Everyone, Authenticated Users
-    and Users with icacls, keeping SYSTEM, Administrators, the account running this process
-    and whoever the installer granted (the service account). DRY_RUN writes nothing, ACLs
-    included."""
-    log = logging.getLogger(__name__)
-    folders = private_folders(settings)
-    if os.name != "nt":
-        os.umask(0o077)
-        for path, mode in [(Path(settings.failed_dir), 0o700),
-                           (Path(settings.log_file) if settings.log_file else None, 0o600)]:
-            if path is not None and path.exists() and path.stat().st_uid == os.getuid():
-                try:
-                    os.chmod(path, mode)
-                except OSError as err:
-                    log.warning("Não foi possível restringir %s (%s).", path, err)
-        return
-    if settings.dry_run:
-        return
-    for folder in folders:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            pass
-    for command in icacls_commands(folders, current_account()):
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=60)
-            failed = done.returncode != 0
-            detail = (done.stderr or done.stdout).strip()
-        except (OSError, subprocess.SubprocessError) as err:
-            failed, detail = True, str(err)
-        if failed:
-            log.warning("Não foi possível restringir o acesso a %s com icacls (%s); a pasta "
-                        "guarda dados de pacientes: restrinja-a manualmente.", command[1], detail)
-
-
-# Everyone, Authenticated Users, BUILTIN\Users (language-independent SIDs)
-BROAD_SIDS = ("*S-1-1-0", "*S-1-5-11", "*S-1-5-32-545")
-
-
-def icacls_commands(folders, account: str) -> list[list[str]]:
-    """Three icacls calls per folder, in order: inherited entries turned into explicit copies
-    (so the service account the installer granted on the project keeps its access, whoever
-    runs this — an administrator replaying failures from an elevated prompt included); full
-    control for SYSTEM, Administrators and `account` (a `*SID` or a name) added, inherited
-    by files and subfolders; then every entry of the broad groups removed."""
-    grants = [f"{sid}:(OI)(CI)F" for sid in dict.fromkeys([SYSTEM_SID, ADMINISTRATORS_SID, account])]
-    commands = []
-    for folder in folders:
-        commands += [["icacls", str(folder), "/inheritance:d"],
-                     ["icacls", str(folder), "/grant", *grants],
-                     ["icacls", str(folder), "/remove:g", *BROAD_SIDS]]
-    return commands
-
-
-def current_account() -> str:
-    """The SID of the account running the monitor (`*S-1-5-...`), from `whoami /user`;
-    its name when whoami is not available."""
-    try:
-        out = subprocess.run(["whoami", "/user", "/fo", "csv", "/nh"], capture_output=True,
-                             text=True, timeout=30).stdout
-        return parse_whoami_sid(out) or getpass.getuser()
-    except (OSError, subprocess.SubprocessError):
-        return getpass.getuser()
-
-
-def parse_whoami_sid(output: str) -> str | None:
-    """`"host\\user","S-1-5-21-..."` -> `*S-1-5-21-...`."""
-    for row in csv.reader(output.splitlines()):
-        if len(row) >= 2 and row[1].strip().startswith("S-1-"):
-            return "*" + row[1].strip()
-    return None
+def setup_output(settings: Settings, *, writes_files: bool) -> None:
+    """Logging for a command-line run. A run that writes files (the log, failure files) first
+    closes the folders that receive patient data to other users (privacy.py); what that had
+    to say is logged once the log is open."""
+    notes = protect_private_data(settings) if writes_files else []
+    setup_logging(settings, to_file=writes_files)
+    for note in notes:
+        logging.getLogger(__name__).warning("%s", note)
 
 
 def setup_logging(settings: Settings, *, stream=None, to_file: bool = True) -> None:
@@ -138,7 +57,7 @@ def setup_logging(settings: Settings, *, stream=None, to_file: bool = True) -> N
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             file_handler = logging.handlers.RotatingFileHandler(
-                path, maxBytes=10 * 1024 * 1024, backupCount=10, encoding="utf-8")
+                path, maxBytes=10 * 1024 * 1024, backupCount=LOG_BACKUPS, encoding="utf-8")
         except OSError as err:
             logging.getLogger(__name__).warning("Não foi possível abrir LOG_FILE=%s (%s); "
                                                 "registrando só no console.", path, err)

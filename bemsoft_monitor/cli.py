@@ -66,10 +66,8 @@ def main(argv=None) -> int:
     if args.dry_run:
         settings = settings.with_overrides(dry_run=True)
 
-    from .app import protect_private_data, setup_logging
-    if not (args.check or args.status):
-        protect_private_data(settings)
-    setup_logging(settings, to_file=not (args.check or args.status))
+    from .app import setup_output
+    setup_output(settings, writes_files=not (args.check or args.status))
     if args.check:
         from .checks import run_checks
         return run_checks(settings)

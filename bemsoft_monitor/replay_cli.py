@@ -58,14 +58,11 @@ def main(argv=None, out=None) -> int:
             return 2
         settings = settings.with_overrides(dry_run=False)
 
-    from .app import (install_signal_handlers, make_catalog, protect_private_data, setup_logging,
-                      watch_stop_file)
+    from .app import install_signal_handlers, make_catalog, setup_output, watch_stop_file
     from .client import BemsoftClient
     from .retry import PauseGate
 
-    if args.send:
-        protect_private_data(settings)
-    setup_logging(settings, to_file=args.send)
+    setup_output(settings, writes_files=args.send)
     directory = Path(args.dir) if args.dir else settings.failed_dir
     move_ok = Path(args.move_ok) if args.move_ok else directory.parent / "sent"
     shutdown = threading.Event()

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .config import PROJECT_DIR, ConfigError, ServiceSettings, load_service_settings
 from .lock import try_lock_file
+from .privacy import Private, lock_down
 
 SCRIPTS = {"monitor": "monitor_bemsoft.py", "retry": "retry_failed.py"}
 LOG_ROTATE_BYTES = 10 * 1024 * 1024
@@ -244,7 +245,7 @@ def start(job: Job, args: list[str], out, err) -> int:
             print(f"Arquivo de pid antigo ignorado ({job.pid_file}): o processo terminou ou o "
                   "número agora é de outro programa.", file=out)
         job.stop_file.unlink(missing_ok=True)
-        proc = spawn(job, job.command(args))
+        proc = spawn(job, job.command(args), err)
         write_pid_file(job.pid_file, PidRecord(proc.pid, process_started(proc.pid), str(job.script)))
         try:
             code = proc.wait(job.settings.start_check)
@@ -260,12 +261,15 @@ def start(job: Job, args: list[str], out, err) -> int:
     return 0
 
 
-def spawn(job: Job, argv: list[str]) -> subprocess.Popen:
+def spawn(job: Job, argv: list[str], err) -> subprocess.Popen:
+    """The child, its output appended to the job's log. That log gets patient data (warnings,
+    DRY_RUN's payloads): its folder is closed to other users first, or the file alone when
+    the folder holds more than the project's files (privacy.py)."""
     rotate(job.log_file)
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
     with open(job.log_file, "ab") as log:
-        if os.name != "nt":  # left readable by an older version
-            os.chmod(job.log_file, 0o600)
+        for note in lock_down([Private(job.settings.log_dir, "MONITOR_LOG_DIR", job.log_file)]):
+            print(note, file=err)
         stamp = dt.datetime.now().isoformat(sep=" ", timespec="seconds")
         log.write(f"--- {stamp} iniciando {job.name}\n".encode("utf-8"))
         log.flush()

@@ -1,9 +1,11 @@
 @echo off
 rem Instala o monitor como servico do Windows com o NSSM 2.24-101 ou mais novo (https://nssm.cc).
 rem Uso (Prompt de Comando como Administrador):
-rem   scripts\install_service_nssm.bat [NomeDoServico] [Conta] [Senha]
-rem Conta: DOMINIO\usuario ou .\usuario (senha pedida se omitida), DOMINIO\gmsa$ (gMSA, sem senha)
-rem ou "NT SERVICE\NomeDoServico" (conta virtual, sem senha). Sem conta: LocalSystem.
+rem   scripts\install_service_nssm.bat [NomeDoServico] [Conta]
+rem Conta: DOMINIO\usuario ou .\usuario (a senha e pedida sem eco; numa instalacao automatica, e
+rem a primeira linha da entrada padrao, redirecionada de um arquivo), DOMINIO\gmsa$ (gMSA, sem senha) ou
+rem "NT SERVICE\NomeDoServico" (conta virtual, sem senha). Sem conta: LocalSystem.
+rem A senha nunca vai na linha de comando do script: ficaria no historico do console.
 rem Pastas: o projeto fica gravavel so por SYSTEM e Administradores (a conta do servico le);
 rem completo\ (falhas com dados de pacientes, logs) so SYSTEM, Administradores e a conta.
 rem Grupos por SID (*S-1-5-18 = SYSTEM, *S-1-5-32-544 = Administradores), nunca por nome.
@@ -11,11 +13,12 @@ setlocal EnableExtensions DisableDelayedExpansion
 set "SERVICE=%~1"
 if not defined SERVICE set "SERVICE=BemsoftMonitor"
 set "ACCOUNT=%~2"
-set "PASSWORD=%~3"
+set "EXTRA=%~3"
 for %%I in ("%~dp0..") do set "ROOT=%%~fI"
 set "PY=%ROOT%\.venv\Scripts\python.exe"
 set "LOGS=%ROOT%\completo\logs"
 
+if defined EXTRA goto password_argument
 where nssm >nul 2>nul
 if errorlevel 1 goto no_nssm
 if not exist "%PY%" goto no_venv
@@ -23,15 +26,15 @@ findstr /i /c:"WindowsApps" /c:"AppData" "%ROOT%\.venv\pyvenv.cfg" >nul 2>nul
 if not errorlevel 1 goto user_python
 if not exist "%ROOT%\.env" goto no_env
 if not exist "%LOGS%" mkdir "%LOGS%"
+cd /d "%ROOT%"
 
-rem Conta do servico: .\usuario vira MAQUINA\usuario (o icacls nao entende ".\")
+rem Conta do servico: .\usuario vira MAQUINA\usuario para o icacls (que nao entende ".\").
+rem Sem conta, ACCOUNT nao existe: teste-o antes de tirar um pedaco dele (ACCOUNT:~0,2); de uma
+rem variavel inexistente o cmd apaga o nome e le o resto da linha como outras variaveis.
+set "ACL_ACCOUNT="
+if not defined ACCOUNT goto account_ready
 set "ACL_ACCOUNT=%ACCOUNT%"
 if "%ACCOUNT:~0,2%"==".\" set "ACL_ACCOUNT=%COMPUTERNAME%\%ACCOUNT:~2%"
-if not defined ACCOUNT goto account_ready
-if "%ACCOUNT:~-1%"=="$" goto account_ready
-if /i "%ACCOUNT:~0,11%"=="NT SERVICE\" goto account_ready
-if defined PASSWORD goto account_ready
-set /p "PASSWORD=Senha da conta %ACCOUNT%: "
 :account_ready
 
 rem Servico: o Python da .venv roda monitor_bemsoft.py na pasta do projeto (caminho relativo:
@@ -59,7 +62,9 @@ nssm set "%SERVICE%" AppExit 2 Exit || goto nssm_failed
 nssm set "%SERVICE%" AppRestartDelay 10000 || goto nssm_failed
 nssm set "%SERVICE%" Start SERVICE_AUTO_START || goto nssm_failed
 if not defined ACCOUNT goto localsystem
-nssm set "%SERVICE%" ObjectName "%ACCOUNT%" "%PASSWORD%" || goto nssm_failed
+rem A conta (nssm set ObjectName): a senha e pedida sem eco pelo Python da .venv, que a entrega
+rem ao NSSM como argumento (veja o README); gMSA e contas virtuais nao tem senha
+"%PY%" -m bemsoft_monitor.service_account "%SERVICE%" "%ACCOUNT%" || goto account_failed
 goto acls
 :localsystem
 echo Aviso: sem conta informada, o servico roda como LocalSystem. Prefira uma conta de servico ou gMSA.
@@ -77,7 +82,7 @@ icacls "%ROOT%\completo" /grant:r "%ACL_ACCOUNT%:(OI)(CI)M" /C /Q || goto acl_fa
 :done
 echo.
 echo Servico %SERVICE% instalado. Inicie com:  nssm start %SERVICE%
-echo Logs: %LOGS%
+echo Logs: "%LOGS%"
 exit /b 0
 
 :no_nssm
@@ -96,6 +101,14 @@ exit /b 1
 :nssm_failed
 echo O NSSM recusou a configuracao (veja a mensagem acima). Remova com scripts\uninstall_service_nssm.bat "%SERVICE%" e tente de novo.
 exit /b 1
+:account_failed
+echo A conta do servico nao foi configurada (veja a mensagem acima). Remova com scripts\uninstall_service_nssm.bat "%SERVICE%" e tente de novo.
+exit /b 1
+:password_argument
+echo A senha nao e aceita na linha de comando (ficaria no historico do console): informe so o
+echo servico e a conta, e a senha e pedida sem eco. Numa instalacao automatica, passe a senha na
+echo entrada padrao: scripts\install_service_nssm.bat "%SERVICE%" "%ACCOUNT%" ^< senha.txt
+exit /b 2
 :acl_failed
 echo O icacls falhou (veja a mensagem acima): confira o nome da conta e rode como Administrador.
 exit /b 1

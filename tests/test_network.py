@@ -353,38 +353,6 @@ def test_log_and_failure_files_are_private(env_file, legacy, tmp_path):
     assert log_file.stat().st_mode & 0o777 == 0o600
 
 
-def test_icacls_commands_close_the_folders_to_broad_groups_keeping_granted_accounts(tmp_path):
-    from bemsoft_monitor.app import icacls_commands, private_folders
-    settings = parse_settings({"DATABASE_URL": "sqlite://", "TERCEIROS": LAB,
-                               "BEMSOFT_DRY_RUN": "1", "FAILED_DIR": str(tmp_path / "falhas"),
-                               "LOG_FILE": str(tmp_path / "logs" / "monitor.log")},
-                              base_dir=tmp_path)
-    folders = private_folders(settings)
-    assert folders == [tmp_path / "falhas", tmp_path / "logs"]
-    account = "*S-1-5-21-1004336348-1177238915-682003330-1001"
-    grants = ["*S-1-5-18:(OI)(CI)F", "*S-1-5-32-544:(OI)(CI)F", f"{account}:(OI)(CI)F"]
-    broad = ["*S-1-1-0", "*S-1-5-11", "*S-1-5-32-545"]   # Everyone, Authenticated Users, Users
-    falhas, logs = str(tmp_path / "falhas"), str(tmp_path / "logs")
-    # inherited entries are copied, never dropped (/inheritance:r would cut the service
-    # account off when an administrator runs retry_failed from an elevated prompt), and
-    # grants are added, never replaced (/grant:r)
-    assert icacls_commands(folders, account) == [
-        ["icacls", falhas, "/inheritance:d"], ["icacls", falhas, "/grant", *grants],
-        ["icacls", falhas, "/remove:g", *broad],
-        ["icacls", logs, "/inheritance:d"], ["icacls", logs, "/grant", *grants],
-        ["icacls", logs, "/remove:g", *broad]]
-    # the service running as LocalSystem: SYSTEM is granted once
-    assert icacls_commands(folders[:1], "*S-1-5-18")[1][3:] == grants[:2]
-
-
-def test_whoami_output_gives_the_account_sid():
-    from bemsoft_monitor.app import parse_whoami_sid
-    assert parse_whoami_sid('"hospital\\lab-ti","S-1-5-21-111-222-333-1001"\r\n') == \
-        "*S-1-5-21-111-222-333-1001"
-    assert parse_whoami_sid('"nt authority\\system","S-1-5-18"\r\n') == "*S-1-5-18"
-    assert parse_whoami_sid("Acesso negado.\r\n") is None
-
-
 def test_log_lines_and_tracebacks_pass_through_the_redaction(tmp_path):
     import io
     from bemsoft_monitor.app import setup_logging

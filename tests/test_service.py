@@ -217,6 +217,23 @@ def test_start_reports_an_immediate_failure(tmp_path, launcher_env):
     assert not (run_dir(launcher_env) / "monitor.pid").exists()
 
 
+def test_a_shared_output_folder_keeps_its_mode_and_only_the_output_log_is_closed(tmp_path, launcher_env):
+    """The job's output gets patient data (warnings, DRY_RUN's payloads); MONITOR_LOG_DIR
+    pointing at a folder of other programs must not lock them out."""
+    shared = tmp_path / "saidas"
+    shared.mkdir()
+    shared.chmod(0o755)
+    (shared / "outro.log").write_text("", encoding="utf-8")
+    launcher_env["MONITOR_LOG_DIR"] = str(shared)
+    bad = tmp_path / "bad.env"                          # the monitor exits by itself
+    bad.write_text("POLL_SECONDS=abc\n", encoding="utf-8")
+    result = sh("start_monitor.sh", "--env-file", str(bad), env=launcher_env)
+    assert (f"MONITOR_LOG_DIR: a pasta {shared} não é só do monitor (tem também 'outro.log')"
+            in result.stderr)
+    assert shared.stat().st_mode & 0o777 == 0o755
+    assert (shared / "monitor.out.log").stat().st_mode & 0o777 == 0o600
+
+
 def test_launcher_usage_and_settings_errors(launcher_env):
     extra = service("stop", "monitor", "--once", env=launcher_env)
     assert extra.returncode == 2 and "não recebe argumentos" in extra.stderr
@@ -306,6 +323,9 @@ def test_bat_wrappers_pass_arguments_to_the_launcher_unchanged(name):
         assert not line.rstrip().endswith("("), line    # no blocks: a ')' in %* cannot break one
 
 
+VARIABLE = re.compile(r"%[A-Za-z_]\w*(?::[^%]*)?%")     # %NAME%, %NAME:~0,2%, %NAME:a=b%
+
+
 def nssm_settings(lines):
     settings = {}
     for line in lines:
@@ -322,7 +342,10 @@ def test_nssm_installer_sets_what_a_windows_service_needs():
     assert settings["AppDirectory"] == ['"%ROOT%"']
     assert settings["AppNoConsole"] == ["0"]
     assert settings["AppEnvironmentExtra"] == ["PYTHONIOENCODING=utf-8 PYTHONUNBUFFERED=1"]
-    assert settings["ObjectName"] == ['"%ACCOUNT%" "%PASSWORD%"']
+    assert "ObjectName" not in settings       # set by the helper: no password on any line here
+    assert ('"%PY%" -m bemsoft_monitor.service_account "%SERVICE%" "%ACCOUNT%" || goto account_failed'
+            in lines)
+    assert not any(line.lower().startswith("set /p") for line in lines)   # it echoed the password
     assert settings["AppStderr"] == ['"%LOGS%\\service.err.log"']
     assert settings["AppStdout"] == ['"%LOGS%\\service.out.log"']
     assert settings["AppRotateFiles"] == ["1"] and settings["AppRotateOnline"] == ["1"]
@@ -333,10 +356,10 @@ def test_nssm_installer_sets_what_a_windows_service_needs():
     assert any("WindowsApps" in line and "pyvenv.cfg" in line for line in lines)
     for line in lines:
         assert not line.rstrip().endswith("(") and ") else (" not in line, line   # no blocks
-        for var in ("%ROOT%", "%PY%", "%LOGS%", "%ACCOUNT%", "%ACL_ACCOUNT%", "%PASSWORD%"):
-            for match in re.finditer(re.escape(var), line):
-                if not line.lstrip().lower().startswith(("rem ", "echo ", "set ", "if ")):
-                    assert quoted_at(line, match.start()), line
+        if line.lstrip().lower().startswith(("rem ", "echo ")):
+            continue
+        for match in VARIABLE.finditer(line):     # `if` and `set` lines too; edits included
+            assert quoted_at(line, match.start()), line
 
 
 def test_nssm_installer_acls_use_sids_and_close_the_folders():
