@@ -10,7 +10,7 @@ import socket
 import ssl
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import urllib3
@@ -18,7 +18,7 @@ from urllib3.exceptions import (ConnectTimeoutError, NameResolutionError, NewCon
                                 ProxyError, ReadTimeoutError, SSLError)
 
 from .config import Settings
-from .redaction import redact
+from .redaction import redact, redact_head
 from .retry import PauseGate, RetryPolicy, parse_retry_after
 
 log = logging.getLogger(__name__)
@@ -310,10 +310,17 @@ class Delivery:
     retry_after: float | None = None   # the server's Retry-After on the last answer
     uncertain: bool = False            # a 409 after an attempt that got no answer
     unexpected: bool = False           # the last answer did not come from the API (portal)
+    # A plain success's answer, as it came: not decoded nor redacted on the way (nothing shows
+    # it but `retry_failed.py --verbose`, through `shown_body`); `body` is then empty.
+    answer: bytes = field(default=b"", repr=False)
 
     @property
     def ok(self) -> bool:
         return self.outcome in (Verdict.DELIVERED, Verdict.DUPLICATE)
+
+    def shown_body(self, settings: Settings) -> str:
+        """The answer as a person may see it: redacted and cut to BODY_LIMIT characters."""
+        return self.body or answer_text(self.answer, settings)
 
 
 def body_error(data) -> str | None:
@@ -327,45 +334,62 @@ def body_error(data) -> str | None:
     return None
 
 
-def classify(status: int, body: bytes) -> tuple[str, str]:
+def classify(status: int, body: bytes, settings: Settings | None = None) -> tuple[str, str]:
     """HTTP status + body -> (outcome, pt-BR reason). Pure: tests call it directly."""
-    outcome, reason, _ = judge(status, body)
+    outcome, reason, _ = judge(status, body, settings)
     return outcome, reason
 
 
-def judge(status: int, body: bytes) -> tuple[str, str, bool]:
+def judge(status: int, body: bytes, settings: Settings | None = None) -> tuple[str, str, bool]:
     """(outcome, reason, unexpected): `unexpected` when the answer does not look like the
-    API's own (a captive portal's or proxy's page, a redirect): retried with the same key."""
-    text = body[:BODY_LIMIT * 4].decode("utf-8", "replace")[:BODY_LIMIT]
+    API's own (a captive portal's or proxy's page, a redirect): retried with the same key.
+    Any part of the answer in the reason is redacted (with `settings`' secrets) before it is
+    cut."""
+    outcome, reason, unexpected, _ = _judge(status, body, settings)
+    return outcome, reason, unexpected
+
+
+def _judge(status: int, body: bytes, settings: Settings | None):
+    """judge() and the answer's text for the Delivery; a plain success (2xx JSON without an
+    error) is judged without decoding, redacting or keeping any text of it: its text is None."""
     if 200 <= status < 300:
         if not body.strip():
             if status in (201, 204):
-                return Verdict.DELIVERED, f"entregue (HTTP {status})", False
-            return Verdict.TRANSIENT, f"{UNEXPECTED} (HTTP {status} sem corpo)", True
+                return Verdict.DELIVERED, f"entregue (HTTP {status})", False, None
+            return Verdict.TRANSIENT, f"{UNEXPECTED} (HTTP {status} sem corpo)", True, ""
         try:
             data = json.loads(body)
         except ValueError:
-            return Verdict.TRANSIENT, f"{UNEXPECTED} (HTTP {status}: {_snippet(text)})", True
+            text = answer_text(body, settings)
+            return Verdict.TRANSIENT, f"{UNEXPECTED} (HTTP {status}: {_snippet(text)})", True, text
         error = body_error(data)
         if error:
-            return Verdict.PERMANENT, f"API respondeu {status} com erro no corpo (nada foi salvo): {error}", False
-        return Verdict.DELIVERED, f"entregue (HTTP {status})", False
+            return (Verdict.PERMANENT, f"API respondeu {status} com erro no corpo (nada foi salvo): "
+                    f"{redact_head(error, BODY_LIMIT, settings)}", False, answer_text(body, settings))
+        return Verdict.DELIVERED, f"entregue (HTTP {status})", False, None
+    text = answer_text(body, settings)
     if status == 409:
-        return Verdict.DUPLICATE, "Idempotency-Key já recebida pela API (HTTP 409): pedido já entregue antes", False
+        return Verdict.DUPLICATE, "Idempotency-Key já recebida pela API (HTTP 409): pedido já entregue antes", False, text
     if 300 <= status < 400:
-        return Verdict.TRANSIENT, f"{UNEXPECTED} (redirecionamento HTTP {status})", True
+        return Verdict.TRANSIENT, f"{UNEXPECTED} (redirecionamento HTTP {status})", True, text
     if status == 407:
         return Verdict.TRANSIENT, ("o proxy pediu autenticação (HTTP 407): confira usuário e senha em "
-                           "BEMSOFT_PROXY ou HTTPS_PROXY/HTTP_PROXY"), False
+                                   "BEMSOFT_PROXY ou HTTPS_PROXY/HTTP_PROXY"), False, text
     if status == 401:
-        return Verdict.TOKEN_REFUSED, token_refused_reason(status), False
+        return Verdict.TOKEN_REFUSED, token_refused_reason(status), False, text
     if status == 403:  # the order's or the token's: BemsoftClient.deliver asks GET /tests
-        return Verdict.PERMANENT, f"API recusou o pedido (HTTP 403): {text}", False
+        return Verdict.PERMANENT, f"API recusou o pedido (HTTP 403): {text}", False, text
     if status in TRANSIENT_4XX or status >= 500:
-        return Verdict.TRANSIENT, f"API indisponível (HTTP {status}): {text}", False
+        return Verdict.TRANSIENT, f"API indisponível (HTTP {status}): {text}", False, text
     if status == 400:
-        return Verdict.PERMANENT, f"API rejeitou o pedido (HTTP 400, validação): {text}", False
-    return Verdict.PERMANENT, f"API respondeu HTTP {status}: {text}", False
+        return Verdict.PERMANENT, f"API rejeitou o pedido (HTTP 400, validação): {text}", False, text
+    return Verdict.PERMANENT, f"API respondeu HTTP {status}: {text}", False, text
+
+
+def answer_text(body: bytes, settings: Settings | None) -> str:
+    """An answer as reasons, logs and failure files show it: redacted, then cut to BODY_LIMIT
+    characters (a secret straddling the cut leaves nothing of itself)."""
+    return redact_head(body, BODY_LIMIT, settings)
 
 
 def token_refused_reason(status: int) -> str:
@@ -410,7 +434,7 @@ class BemsoftClient:
         if answer.truncated:  # not a portal: a catalog larger than any the API is known to send
             raise ApiError(f"GET /tests: resposta maior que {CATALOG_CAP // (1024 * 1024)} MiB; "
                            "catálogo descartado", permanent=False, status=answer.status)
-        outcome, reason, unexpected = judge(answer.status, answer.body)
+        outcome, reason, unexpected = judge(answer.status, answer.body, self.settings)
         if answer.status == 403:  # GET /tests carries no order: a 403 refuses the token
             outcome, reason = Verdict.TOKEN_REFUSED, token_refused_reason(403)
         if answer.status != 200 or unexpected:
@@ -453,7 +477,7 @@ class BemsoftClient:
         HTTP/transport problems: the Delivery says what happened."""
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         started = time.monotonic()
-        attempt, status, text = 0, None, ""
+        attempt, status, text, answer = 0, None, "", b""
         unanswered = False  # an attempt reached the server (maybe) but got no answer
         while True:
             if not self.gate.wait():
@@ -469,8 +493,7 @@ class BemsoftClient:
                 unanswered = True
                 outcome, reason = Verdict.TRANSIENT, f"falha de conexão com a API: {err}"
             else:
-                text = data[:BODY_LIMIT * 4].decode("utf-8", "replace")[:BODY_LIMIT]
-                outcome, reason, unexpected = judge(status, data)
+                outcome, reason, unexpected, text = _judge(status, data, self.settings)
                 self._note_answer(unexpected, status, reason)
                 if status == 403:
                     refused = self.token_refused()
@@ -479,14 +502,17 @@ class BemsoftClient:
                         reason = token_refused_reason(403) if refused else (
                             "API respondeu 403 e GET /tests não respondeu para dizer se é o "
                             "token: nova tentativa com a mesma chave")
-            reason, text = self.redact(reason), self.redact(text)
+            if text is None:  # a plain success: its reason says nothing of the answer
+                text, answer = "", data
+            else:             # the text was redacted before its cut; the reason once more whole
+                reason = self.redact(reason)
             if outcome != Verdict.TRANSIENT or attempt > self.policy.retries:
                 # The API cannot be asked what it did with the unanswered attempt: it either
                 # saved it (the usual case) or failed it in its body (SPEC §5.2). Counted as
                 # delivered, and flagged so the log says which exams to check.
                 uncertain = outcome == Verdict.DUPLICATE and unanswered
                 return Delivery(outcome, status, attempt, reason, text, time.monotonic() - started,
-                                retry_after, uncertain, unexpected)
+                                retry_after, uncertain, unexpected, answer)
             delay = self.policy.delay(attempt, retry_after)
             log.log(logging.DEBUG if unexpected else logging.WARNING,
                     "Solicitação %s: tentativa %d falhou (%s); nova tentativa em %.1f s.",

@@ -89,11 +89,13 @@ def main(argv=None, out=None) -> int:
             client.close()
 
 
-def show(text: str, out, settings) -> None:
-    """Print one line, redacted, even when it holds text the console cannot encode (a lone
-    surrogate read from a failure file): such characters are shown escaped."""
+def show(text: str, out, settings, *, lines: bool = False) -> None:
+    """Print one line (several with `lines`), redacted, even when it holds text the console
+    cannot encode (a lone surrogate read from a failure file): such characters are shown
+    escaped, as are control characters and, in one line, newlines."""
     encoding = getattr(out, "encoding", None) or "utf-8"
-    text = redact(text, settings).encode(encoding, "backslashreplace").decode(encoding, "replace")
+    text = redact(text, settings, one_line=not lines)
+    text = text.encode(encoding, "backslashreplace").decode(encoding, "replace")
     print(text, file=out, flush=True)
 
 
@@ -144,10 +146,10 @@ def replay_once(args, settings, client, catalog, directory: Path, move_ok: Path,
         label = {OK: "[OK]", WOULD_SEND: "[DRY-RUN]", FAILED: "[ERRO]", SKIPPED: "[PULADO]"}[result.status]
         show(f"{label} {path.name}: {result.message}", out, settings)
         if result.payload is not None and (args.verbose or not args.send):
-            show(json.dumps(result.payload, ensure_ascii=False, indent=2), out, settings)
+            show(json.dumps(result.payload, ensure_ascii=False, indent=2), out, settings, lines=True)
         if args.verbose and result.delivery is not None:
             show(f"      HTTP {result.delivery.status}, {result.delivery.attempts} tentativa(s): "
-                 f"{result.delivery.body}", out, settings)
+                 f"{result.delivery.shown_body(settings)}", out, settings)
     show(f"Resumo: {len(paths)} arquivo(s); enviados {counts[OK]}, com erro {counts[FAILED]}, "
          f"a enviar (dry-run) {counts[WOULD_SEND]}, pulados {counts[SKIPPED]}.", out, settings)
     return 1 if counts[FAILED] else 0

@@ -510,21 +510,37 @@ def test_page_served_on_ipv6_loopback(harness):
         server.shutdown()
 
 
-def test_token_in_the_query_never_reaches_the_log(harness, caplog):
+def test_token_in_the_query_never_reaches_the_log(harness, caplog, capfd):
+    import socket
+
     from bemsoft_monitor.metrics import start_metrics_server
-    monitor = harness.monitor(STATUS_TOKEN="painel-token-0123456789")
+    token = "painel-token-0123456789"
+    monitor = harness.monitor(STATUS_TOKEN=token)
     server = start_metrics_server(monitor, 0, max_age=60, console=Console(
         monitor.status, monitor.settings, panels=(*PANELS, QueryEcho())))
+    malformed = {  # request line -> the status that answers it
+        f"GET /?token={token} HTTP/1.1 sobra": 400, f"GET /?token={token} HTTP/x.y": 400,
+        f"GET /?token={token} HTTP/2.0": 505, f"\x16\x03\x01 /?token={token} \xfc": 400,
+        f"DELETE /metrics?token={token} HTTP/1.1": 501}
+    answers = {}
     try:
         with caplog.at_level("DEBUG", logger="bemsoft_monitor.metrics"):
-            url = f"http://127.0.0.1:{server.server_port}/?token=painel-token-0123456789&q=43335"
+            url = f"http://127.0.0.1:{server.server_port}/?token={token}&q=43335"
             with urllib.request.urlopen(url, timeout=5) as resp:
                 assert resp.status == 200
                 html = resp.read().decode("utf-8")
+            for line in malformed:
+                with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as sock:
+                    sock.sendall(line.encode("latin-1") + b"\r\nHost: x\r\n\r\n")
+                    answers[line] = sock.makefile("rb").readline()
             server.shutdown()
     finally:
         server.server_close()
     assert "<p>q=43335; parâmetros=q</p>" in html     # the query reached the panels, the token did not
-    assert "painel-token-0123456789" not in html
+    assert token not in html
+    for line, status in malformed.items():     # answered, not dropped by an exception
+        assert answers[line].split()[1:2] == [str(status).encode()], (line, answers[line])
     assert "metrics: GET / 200" in caplog.text
-    assert "painel-token-0123456789" not in caplog.text
+    assert "metrics: - (pedido malformado) 400" in caplog.text
+    assert token not in caplog.text and "?token" not in caplog.text
+    assert "Traceback" not in capfd.readouterr().err

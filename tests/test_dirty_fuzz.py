@@ -90,6 +90,25 @@ def insert(engine, generated) -> tuple[list[int], dict[int, bool]]:
     return list(range(1, item_id + 1)), clean_of
 
 
+# A drain of at most 15 items takes a few steps per page (pages of one item at least); a
+# drain that loops without end takes them all. Counted work, not wall-clock time: a loaded
+# machine makes the test slower, never failing.
+MAX_STEPS = 200
+
+
+def step_budget(monitor, limit: int) -> list:
+    """Count the monitor's steps; past `limit`, ask it to stop (as a shutdown would)."""
+    steps, step = [], monitor.step
+
+    def counted():
+        steps.append(None)
+        if len(steps) > limit:
+            monitor.shutdown.set()
+        return step()
+    monitor.step = counted
+    return steps
+
+
 @settings(max_examples=25, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(generated=orders, batch_size=st.integers(1, 6), null_cods=st.lists(st.integers(0, 14), max_size=3))
@@ -110,14 +129,13 @@ def test_generated_dirty_rows_are_delivered_once_or_filed(generated, batch_size,
             "BATCH_SIZE": str(batch_size), "LOG_FILE": "-", "BEMSOFT_CONCURRENCY": "1",
             "POLL_SECONDS": "0.1"}, base_dir=Path(tmp))
         monitor = build_monitor(conf, engine=engine, shutdown=threading.Event())
-        guard = threading.Timer(20, monitor.shutdown.set)   # a hang fails, not blocks
-        guard.start()
+        steps = step_budget(monitor, MAX_STEPS)
         try:
             assert monitor.run("drain") == 0
-            assert not monitor.shutdown.is_set(), "the drain did not finish"
+            assert not monitor.shutdown.is_set(), f"the drain did not finish in {MAX_STEPS} steps"
         finally:
-            guard.cancel()
             monitor.close()
+        event("steps: %d" % len(steps))
         delivered = collections.Counter(api.stored_tests())
         filed = collections.Counter(i for p in (Path(tmp) / "failed").glob("*.json")
                                     for i in json.loads(p.read_text(encoding="utf-8"))["item_ids"])

@@ -121,7 +121,9 @@ def test_no_proxy_bypasses_the_proxy(harness, proxy, ca, caplog):
     assert proxy.tunnels == []
     assert harness.api.stored_tests() == [] and harness.checkpoint() == 0
     assert "falha de DNS" in caplog.text and API_HOST in caplog.text
-    assert stored_once(harness.api, []) and ids
+    # nothing lost: once the route works, the same items go, once
+    harness.monitor(HTTPS_PROXY=proxy.url, BEMSOFT_CA_BUNDLE=ca.ca_pem).step()
+    assert stored_once(harness.api, ids) and harness.checkpoint() == max(ids)
 
 
 def test_proxy_credentials_are_sent_and_never_shown(harness, auth_proxy, ca, caplog, tmp_path):
@@ -310,18 +312,27 @@ def test_check_says_something_else_answered(env_file, legacy):
 # ------------------------------------------------------------------ one redaction
 def test_one_redaction_hides_token_proxy_and_database_credentials(tmp_path):
     from bemsoft_monitor.redaction import redact
+    token = "tok/" + TOKEN        # an API escaping "/" echoes it as tok\/...
     settings = parse_settings({
         "DATABASE_URL": "postgresql+psycopg://lis:Db-S3nha@db.hospital:5432/lis",
-        "TERCEIROS": LAB, "BEMSOFT_TOKEN": TOKEN, "LOG_FILE": "-",
+        "TERCEIROS": LAB, "BEMSOFT_TOKEN": token, "LOG_FILE": "-",
+        "STATUS_TOKEN": "painel-token-0123456789",
         "BEMSOFT_PROXY": f"http://{PROXY_USER}:{PROXY_PASSWORD}@proxy.hospital:3128"},
         base_dir=tmp_path)
-    text = redact(f"token {TOKEN}; proxy http://{PROXY_USER}:{PROXY_PASSWORD}@proxy.hospital:3128 "
+    text = redact(f"token {token}; proxy http://{PROXY_USER}:{PROXY_PASSWORD}@proxy.hospital:3128 "
                   f"recusou {PROXY_PASSWORD}; banco Db-S3nha; "
                   "ODBC DRIVER=x;PWD={a;b};UID=u; outro http://joao:xyz@host/; "
-                  "Proxy-Authorization: Basic bGFiLnRpOlMzbmhh", settings)
-    for secret in (TOKEN, PROXY_USER, PROXY_PASSWORD, "Db-S3nha", "{a;b}", "joao:xyz",
-                   "bGFiLnRpOlMzbmhh"):
-        assert secret not in text
+                  "Proxy-Authorization: Basic bGFiLnRpOlMzbmhh; "
+                  # shapes the first patterns let through: a JSON-escaped echo, a percent-
+                  # encoded password, credentials under JSON keys, the console's token
+                  + json.dumps({"echo": token}).replace("/", "\\/")
+                  + f" senha%3A{PROXY_PASSWORD.replace('!', '%21')} "
+                  '{"authorization": "Bearer outro-token-123", "password": 424242} '
+                  "?token=painel-token-0123456789", settings)
+    for secret in (token, token.replace("/", "\\/"), PROXY_USER, PROXY_PASSWORD, "Db-S3nha",
+                   "{a;b}", "joao:xyz", "bGFiLnRpOlMzbmhh", "S3nha-do-Proxy", "outro-token-123",
+                   "424242", "painel-token-0123456789"):
+        assert secret not in text, secret
     assert "proxy.hospital:3128" in text and "***" in text
 
 

@@ -434,8 +434,8 @@ def test_stale_claims_are_judged_by_the_claim_time_not_the_file_age(tmp_path):
 def test_metrics_server_drops_idle_connections_and_bounds_them(harness):
     from bemsoft_monitor.metrics import start_metrics_server
     monitor = harness.monitor()
-    server = start_metrics_server(monitor, 0, max_age=60, connection_timeout=0.5,
-                                  max_connections=2)
+    server = start_metrics_server(monitor, 0, max_age=60, request_timeout=0.5,
+                                  max_connections=2, reserved_for_loopback=0)
     address = ("127.0.0.1", server.server_port)
     idle = [socket.create_connection(address, timeout=10) for _ in range(2)]
     try:
