@@ -303,8 +303,9 @@ class Settings:
         "STATUS_TOKEN", "", Secret(pattern=r"[\x21-\x7e]{16,}", expected=(
             "deve ter ao menos 16 caracteres, sem espaços (gere um valor aleatório, ex.: python "
             "-c \"import secrets; print(secrets.token_urlsafe(24))\")")),
-        "senha do painel em `/` (valor aleatório, 16+ caracteres); obrigatória com "
-        "`METRICS_HOST` fora de `127.0.0.1`", group="operation", example="")
+        "senha do painel em `/` e, fora de `127.0.0.1`, de `/metrics` (valor aleatório, 16+ "
+        "caracteres); obrigatória com `METRICS_HOST` fora de `127.0.0.1`", group="operation",
+        example="")
     health_max_age: float = setting("HEALTH_MAX_AGE", 300.0, Number(1, 7 * 86400, unit="s"),
                                     "`/healthz` responde 503 se nenhum ciclo terminou há mais "
                                     "de N s", group="operation")

@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from bemsoft_monitor.client import Delivery
+from bemsoft_monitor.client import Delivery, Verdict
 from bemsoft_monitor.config import ConfigError, Proxy, is_loopback, parse_settings
 from bemsoft_monitor.console import Console
 from bemsoft_monitor.console.access import authorized
@@ -544,3 +544,16 @@ def test_token_in_the_query_never_reaches_the_log(harness, caplog, capfd):
     assert "metrics: - (pedido malformado) 400" in caplog.text
     assert token not in caplog.text and "?token" not in caplog.text
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_the_page_passes_through_the_one_redaction(tmp_path):
+    """Control characters and bidi overrides in LIS codes reach the page escaped, as in the
+    log: HTML escaping alone leaves them raw."""
+    settings = settings_for(tmp_path)
+    failure(FailureStore(settings.failed_dir), 101, "item sem código de exame")
+    board = StatusBoard(clock=Clock(), tz=SP)
+    board.settled("77\x1b]0;título\x07\u202e", 1, "sol-77-abc", "delivered",
+                  Delivery(Verdict.DELIVERED, 201, 1, "ok", duration=0.01))
+    html = Console(board, settings).render()
+    assert "\x1b" not in html and "\u202e" not in html and "\x07" not in html
+    assert "77\\x1b]0;título\\x07\\u202e" in html

@@ -15,6 +15,7 @@ from typing import Mapping
 from urllib.parse import parse_qs
 
 from ..config import Settings
+from ..redaction import redact
 from ..status import StatusBoard
 from .access import authorized
 from .markup import render_page
@@ -44,7 +45,9 @@ class Console:
                           alerts=self.alerts.view() if self.alerts is not None else None)
 
     def render(self, query: str = "") -> str:
-        return render_page(self.page(query))
+        """The page, through the one redaction every output passes: no secret, and control
+        characters from LIS codes shown escaped (HTML escaping leaves them raw)."""
+        return redact(render_page(self.page(query)), self.settings)
 
     def authorized(self, headers: Mapping[str, str], query: str) -> bool:
         return authorized(self.settings.status_token, headers, query)
