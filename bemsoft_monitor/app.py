@@ -56,9 +56,11 @@ def setup_logging(settings: Settings, *, stream=None, to_file: bool = True) -> N
         path = Path(settings.log_file)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            file_handler = logging.handlers.RotatingFileHandler(
-                path, maxBytes=10 * 1024 * 1024, backupCount=LOG_BACKUPS, encoding="utf-8")
+            file_handler = LogFileHandler(path, maxBytes=10 * 1024 * 1024, backupCount=LOG_BACKUPS,
+                                          encoding="utf-8")
         except OSError as err:
+            global _log_open_problem
+            _log_open_problem = f"não foi possível abrir {path} ({err})"
             logging.getLogger(__name__).warning("Não foi possível abrir LOG_FILE=%s (%s); "
                                                 "registrando só no console.", path, err)
         else:
@@ -70,6 +72,43 @@ def setup_logging(settings: Settings, *, stream=None, to_file: bool = True) -> N
     logging.getLogger("urllib3").setLevel(max(logging.WARNING, root.level))
     for note in settings.notes:
         logging.getLogger("bemsoft_monitor.config").warning("%s", note)
+
+
+class LogFileHandler(logging.handlers.RotatingFileHandler):
+    """LOG_FILE. A write that fails (disk full, permissions) is reported once to
+    `on_problem` (the alerts), and so is the first write that works again; the traceback
+    goes to stderr once per problem, not once per line."""
+    on_problem = None
+    _failing = False
+
+    def emit(self, record):
+        self._failed_now = False
+        super().emit(record)
+        if self._failing and not self._failed_now:
+            self._failing = False
+            if self.on_problem:
+                self.on_problem(None)
+
+    def handleError(self, record):
+        self._failed_now = True
+        if not self._failing:
+            self._failing = True
+            if self.on_problem:
+                self.on_problem(str(sys.exc_info()[1]) or "erro de gravação")
+            super().handleError(record)
+
+
+def watch_log_file(on_problem) -> None:
+    """Report LOG_FILE's write problems (and its recovery) to `on_problem(text | None)`; if
+    LOG_FILE could not even be opened, that is said at once."""
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, LogFileHandler)]
+    for handler in handlers:
+        handler.on_problem = on_problem
+    if not handlers and _log_open_problem:
+        on_problem(_log_open_problem)
+
+
+_log_open_problem: str | None = None
 
 
 def _is_terminal(stream) -> bool:

@@ -16,7 +16,17 @@ PLACEHOLDER_SPECIMEN = "SPECIMEN-TEST"
 
 
 class CatalogUnavailable(Exception):
-    """No usable catalog (never loaded and the API does not answer): try again later."""
+    """No usable catalog (never loaded and the API does not answer): try again later.
+    `status`: the HTTP status of the last failed fetch, when the API answered (401/403: the
+    token was refused)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def token_refused(self) -> bool:
+        return self.status in (401, 403)
 
 
 class Catalog:
@@ -34,6 +44,7 @@ class Catalog:
         self._loaded_at: float | None = None
         self._last_attempt: float | None = None
         self._warned_variants: set[str] = set()
+        self._failed_status: int | None = None  # HTTP status of the last failed fetch
 
     @property
     def loaded(self) -> bool:
@@ -49,8 +60,10 @@ class Catalog:
             tests = self._fetch()
             by_id = index_catalog(tests)
         except Exception as err:  # any failure of the fetch keeps the good cache
+            self._failed_status = getattr(err, "status", None)
             if self._by_id is None:
-                raise CatalogUnavailable(f"catálogo /tests indisponível: {err}") from err
+                raise CatalogUnavailable(f"catálogo /tests indisponível: {err}",
+                                         self._failed_status) from err
             log.warning("Falha ao atualizar o catálogo /tests (%s); mantendo o cache com %d exames.",
                         err, len(self._by_id))
             return False
@@ -59,6 +72,7 @@ class Catalog:
                         len(self._by_id))
             return False
         self._by_id, self._loaded_at = by_id, self._clock()
+        self._failed_status = None
         log.info("Catálogo /tests carregado: %d exames.", len(by_id))
         return True
 
@@ -66,7 +80,8 @@ class Catalog:
         now = self._clock()
         if self._by_id is None:
             if not CATALOG_UNLOADED.due(self._last_attempt, now):
-                raise CatalogUnavailable("catálogo /tests indisponível (nova tentativa em instantes)")
+                raise CatalogUnavailable("catálogo /tests indisponível (nova tentativa em instantes)",
+                                         self._failed_status)
             self.refresh()
         elif now - self._loaded_at >= self.ttl and self._stale_cadence.due(self._last_attempt, now):
             self.refresh()
@@ -81,10 +96,12 @@ class Catalog:
                 # registered); a refresh that failed defers the item instead
                 if not self._miss_cadence.due(self._last_attempt, now):
                     raise CatalogUnavailable(f"catálogo /tests desatualizado e a última "
-                                             f"atualização falhou; {test_id} será procurado de novo")
+                                             f"atualização falhou; {test_id} será procurado de novo",
+                                             self._failed_status)
                 log.info("Exame %s fora do catálogo em cache; atualizando /tests uma vez.", test_id)
                 if not self.refresh():
-                    raise CatalogUnavailable(f"não foi possível atualizar /tests para procurar {test_id}")
+                    raise CatalogUnavailable(f"não foi possível atualizar /tests para procurar {test_id}",
+                                             self._failed_status)
                 specimens = self._by_id.get(test_id)
             if not specimens:
                 raise ItemRejected(

@@ -63,6 +63,8 @@ def run_checks(settings: Settings, out=None) -> int:
 
     for ok, text in describe_route(settings):
         _line(ok, text, out)
+    for ok, text in describe_alerts(settings):
+        _line(ok, text, out)
     if settings.token:
         client = BemsoftClient(settings)
         catalog = Catalog(client.fetch_tests, settings.tests_ttl)
@@ -108,6 +110,18 @@ def describe_route(settings: Settings) -> list[tuple[bool | None, str]]:
     return lines
 
 
+def describe_alerts(settings: Settings) -> list[tuple[bool | None, str]]:
+    """The configured alert channels (secrets never shown), or a warning that nobody is told."""
+    from .alerts import describe_channels
+    channels = describe_channels(settings)
+    if not channels:
+        return [(None, "Nenhum canal de alerta configurado (ALERT_EMAIL_TO, ALERT_WEBHOOK_URL, "
+                       "HEARTBEAT_URL): ninguém será avisado quando algo precisar de uma pessoa")]
+    lines = [(True, f"Alertas por {name}: {target}") for name, target in channels]
+    lines.append((True, "Teste os canais com: python monitor_bemsoft.py --test-alert"))
+    return lines
+
+
 def print_status(settings: Settings, out=None, env_file: str | None = None) -> int:
     """Checkpoint, backlog and last delivery from the database; FAILED_DIR grouped by reason.
     The words are the operator console's (bemsoft_monitor.console.words), so both say the same."""
@@ -126,9 +140,11 @@ def print_status(settings: Settings, out=None, env_file: str | None = None) -> i
         engine = create_db_engine(settings)
         connect_check(engine, settings)
         source = LegacySource(engine, settings.monitor_name, settings.terceiros)
+        token = None
         if source.state_tables_exist():
             checkpoint = source.read_checkpoint()
             last = source.last_delivery()
+            token = source.read_note(source.token_note_name)
         else:
             checkpoint, last = None, None
         if checkpoint is None:
@@ -139,6 +155,13 @@ def print_status(settings: Settings, out=None, env_file: str | None = None) -> i
             print(f"Backlog: {backlog_text(source.count_backlog(checkpoint))}", file=out)
         when = None if last is None else last.replace(tzinfo=dt.timezone.utc).timestamp()
         print(f"Última entrega: {last_delivery_text(when, time.time(), settings.tz)}", file=out)
+        if token is not None:
+            status, since = token
+            since_ts = since.replace(tzinfo=dt.timezone.utc).timestamp()
+            print(f"Envio: Token recusado pela API (HTTP {status}) desde "
+                  f"{last_delivery_text(since_ts, time.time(), settings.tz)}: confira "
+                  "BEMSOFT_TOKEN no .env. Nada vai para FAILED_DIR; o monitor retoma sozinho "
+                  "quando o token for aceito.", file=out)
     except (DatabaseUnavailable, ConfigError) as err:
         print(f"Banco de dados: {err}", file=out)
         code = 1

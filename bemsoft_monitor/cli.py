@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "o catálogo /tests; código de saída diferente de 0 se algo falhar")
     mode.add_argument("--status", action="store_true",
                       help="mostra checkpoint, backlog, arquivos de falha e a última entrega")
+    mode.add_argument("--test-alert", action="store_true",
+                      help="envia uma mensagem de teste por canal de alerta configurado (e-mail, "
+                           "webhook, heartbeat); código 0 se todos enviaram, 1 se algum falhou")
     mode.add_argument("--demo", action="store_true",
                       help="demonstração completa sem SQL Server, sem token e sem rede "
                            "(SQLite + API falsa local)")
@@ -67,7 +70,10 @@ def main(argv=None) -> int:
         settings = settings.with_overrides(dry_run=True)
 
     from .app import setup_output
-    setup_output(settings, writes_files=not (args.check or args.status))
+    reading = args.check or args.status or args.test_alert
+    setup_output(settings, writes_files=not reading)
+    if args.test_alert:
+        return run_test_alert(settings)
     if args.check:
         from .checks import run_checks
         return run_checks(settings)
@@ -76,6 +82,25 @@ def main(argv=None) -> int:
         return print_status(settings, env_file=args.env_file)
     return run_monitor(settings, "once" if args.once else "drain" if args.drain else "loop",
                        stop_file=args.stop_file, env_file=args.env_file)
+
+
+def run_test_alert(settings: Settings, out=None) -> int:
+    """`--test-alert`: one test message on each configured channel, one pt-BR line each."""
+    from .alerts import send_test_alerts
+    from .redaction import RedactedStream
+
+    out = RedactedStream(out or sys.stdout, settings)
+    results = send_test_alerts(settings)
+    if not results:
+        print("[ERRO] Nenhum canal de alerta configurado: defina ALERT_EMAIL_TO (com SMTP_HOST), "
+              "ALERT_WEBHOOK_URL ou HEARTBEAT_URL no .env.", file=out, flush=True)
+        return 1
+    for name, target, error in results:
+        if error is None:
+            print(f"[OK]   {name} {target}: mensagem de teste enviada", file=out, flush=True)
+        else:
+            print(f"[ERRO] {name} {target}: {error}", file=out, flush=True)
+    return 0 if all(error is None for _, _, error in results) else 1
 
 
 def run_monitor(settings: Settings, mode: str, stop_file: str | None = None,
@@ -99,6 +124,7 @@ def run_monitor(settings: Settings, mode: str, stop_file: str | None = None,
         watch_stop_file(stop_file, shutdown)
     monitor = lock = metrics = None
     board = StatusBoard(tz=settings.tz, dry_run=settings.dry_run)
+    alerter = _start_alerts(settings, board, env_file)
     try:
         engine = create_db_engine(settings)
         # DRY_RUN writes nothing and sends nothing: no lock needed. The monitor gets the lock
@@ -108,7 +134,7 @@ def run_monitor(settings: Settings, mode: str, stop_file: str | None = None,
                                 status=board, lock=lock)
         connect_check(engine, settings)
         if settings.metrics_port:  # before the lock: a standby shows its state too
-            metrics = _start_metrics(monitor, settings, board, env_file)
+            metrics = _start_metrics(monitor, settings, board, env_file, alerter)
             if metrics is None:
                 return 2
         if lock is not None and not wait_for_lock(lock, mode, shutdown, standby_retry(settings),
@@ -144,18 +170,34 @@ def run_monitor(settings: Settings, mode: str, stop_file: str | None = None,
             lock.release()
         if metrics is not None:
             metrics.shutdown()
+        if alerter is not None:  # what is queued gets a short chance to leave
+            alerter.stop(flush=settings.alert_timeout)
     s = monitor.stats
     log.info("Monitor encerrado: %d solicitações entregues (%d itens), %d com falha, checkpoint %s.",
              s.delivered, s.delivered_items, s.failed, monitor.checkpoint)
     return code
 
 
-def _start_metrics(monitor, settings: Settings, board, env_file: str | None):
+def _start_alerts(settings: Settings, board, env_file: str | None):
+    """The alerts' thread (not in DRY_RUN: it sends nothing), and the log file reporting a
+    write it could not make."""
+    from .alerts import build_alerter
+    from .app import watch_log_file
+    from .console.words import replay_command
+
+    if settings.dry_run:
+        return None
+    watch_log_file(lambda problem: board.disk_error("LOG_FILE", problem))
+    alerter = build_alerter(settings, board, replay=replay_command(settings.failed_dir, env_file))
+    return alerter.start() if alerter is not None else None
+
+
+def _start_metrics(monitor, settings: Settings, board, env_file: str | None, alerter=None):
     """/metrics, /healthz and the operator console at /; None if the port cannot be opened."""
     from .console import Console
     from .metrics import start_metrics_server
 
-    console = Console(board, settings, env_file=env_file)
+    console = Console(board, settings, env_file=env_file, alerts=alerter)
     console.scan.warm()
     try:
         return start_metrics_server(monitor, settings.metrics_port, settings.health_max_age,

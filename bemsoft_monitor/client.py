@@ -30,6 +30,9 @@ class Verdict:
     DUPLICATE = "duplicate"    # 409: the server already has this Idempotency-Key
     PERMANENT = "permanent"    # retrying the same bytes will not help (400/401/403, error body...)
     TRANSIENT = "transient"    # 429/5xx/timeouts/connection errors/not the API: try again later
+    # 401, or a 403 that GET /tests confirms: the installation's token was refused, not this
+    # order. Nothing is filed; every sender pauses and the same request is tried again later.
+    TOKEN_REFUSED = "token-refused"
 
 
 ERROR_KEYS = ("error", "errors", "erro", "erros")
@@ -372,9 +375,10 @@ def _judge(status: int, body: bytes, settings: Settings | None):
     if status == 407:
         return Verdict.TRANSIENT, ("o proxy pediu autenticação (HTTP 407): confira usuário e senha em "
                                    "BEMSOFT_PROXY ou HTTPS_PROXY/HTTP_PROXY"), False, text
-    if status in (401, 403):
-        return Verdict.PERMANENT, (f"API recusou o token (HTTP {status}): confira BEMSOFT_TOKEN; "
-                                   f"resposta: {text}"), False, text
+    if status == 401:
+        return Verdict.TOKEN_REFUSED, token_refused_reason(status), False, text
+    if status == 403:  # the order's or the token's: BemsoftClient.deliver asks GET /tests
+        return Verdict.PERMANENT, f"API recusou o pedido (HTTP 403): {text}", False, text
     if status in TRANSIENT_4XX or status >= 500:
         return Verdict.TRANSIENT, f"API indisponível (HTTP {status}): {text}", False, text
     if status == 400:
@@ -386,6 +390,11 @@ def answer_text(body: bytes, settings: Settings | None) -> str:
     """An answer as reasons, logs and failure files show it: redacted, then cut to BODY_LIMIT
     characters (a secret straddling the cut leaves nothing of itself)."""
     return redact_head(body, BODY_LIMIT, settings)
+
+
+def token_refused_reason(status: int) -> str:
+    return (f"Token recusado pela API (HTTP {status}): confira BEMSOFT_TOKEN no .env; o envio "
+            "fica pausado e retoma sozinho quando o token for aceito")
 
 
 def _snippet(text: str) -> str:
@@ -426,9 +435,11 @@ class BemsoftClient:
             raise ApiError(f"GET /tests: resposta maior que {CATALOG_CAP // (1024 * 1024)} MiB; "
                            "catálogo descartado", permanent=False, status=answer.status)
         outcome, reason, unexpected = judge(answer.status, answer.body, self.settings)
+        if answer.status == 403:  # GET /tests carries no order: a 403 refuses the token
+            outcome, reason = Verdict.TOKEN_REFUSED, token_refused_reason(403)
         if answer.status != 200 or unexpected:
-            raise ApiError(self.redact(f"GET /tests: {reason}"),
-                           permanent=outcome == Verdict.PERMANENT, status=answer.status)
+            raise ApiError(self.redact(f"GET /tests: {reason}"), status=answer.status,
+                           permanent=outcome in (Verdict.PERMANENT, Verdict.TOKEN_REFUSED))
         try:
             return json.loads(answer.body)
         except ValueError as err:
@@ -440,6 +451,15 @@ class BemsoftClient:
         headers["Idempotency-Key"] = key
         answer = self.transport.request("POST", self._post_target, body, headers)
         return answer.status, answer.body, parse_retry_after(answer.retry_after)
+
+    def token_refused(self) -> bool | None:
+        """After a 403: is it the token (GET /tests with it is refused too) or this order (the
+        catalog answers)? None when GET /tests gets no answer either (cannot tell)."""
+        try:
+            answer = self.transport.request("GET", self._tests_target, None, self._tests_headers, cap=0)
+        except TransportError:
+            return None
+        return answer.status in (401, 403)
 
     def _note_answer(self, unexpected: bool, status: int | None, reason: str) -> None:
         """An answer that is not the API's is logged once per outage, not once per order."""
@@ -475,6 +495,13 @@ class BemsoftClient:
             else:
                 outcome, reason, unexpected, text = _judge(status, data, self.settings)
                 self._note_answer(unexpected, status, reason)
+                if status == 403:
+                    refused = self.token_refused()
+                    if refused or refused is None:
+                        outcome = Verdict.TOKEN_REFUSED if refused else Verdict.TRANSIENT
+                        reason = token_refused_reason(403) if refused else (
+                            "API respondeu 403 e GET /tests não respondeu para dizer se é o "
+                            "token: nova tentativa com a mesma chave")
             if text is None:  # a plain success: its reason says nothing of the answer
                 text, answer = "", data
             else:             # the text was redacted before its cut; the reason once more whole

@@ -31,9 +31,9 @@ from zoneinfo import ZoneInfo
 
 from dotenv import dotenv_values
 
-from .config_types import (ClockTime, ConfigError, DatabaseUrl, Date, FilePath, Flag, Host,  # noqa: F401
-                           Kind, NameList, Number, Pattern, Port, ProxyUrl, Secret, Text, Choice,
-                           Url, Zone)
+from .config_types import (Choice, ClockTime, ConfigError, DatabaseUrl, Date, Email, EmailList,
+                           FilePath, Flag, Host, Kind, NameList, Number, Pattern, Port, ProxyUrl,
+                           Secret, Text, Url, Zone)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ GROUPS = {
     "bemsoft": "Bemsoft",
     "data": "Dados e médico",
     "operation": "Operação",
+    "alerts": "Alertas",
 }
 
 
@@ -215,8 +216,9 @@ class Settings:
             "(confira aspas e \\n no .env)")),
         "token Bearer (obrigatório com `BEMSOFT_DRY_RUN=0`); nunca aparece em log nem em arquivo",
         group="bemsoft", example="coloque_seu_token_aqui")
-    dry_run: bool = setting("BEMSOFT_DRY_RUN", False, Flag(), "`1` = não envia nem grava nada, "
-                            "só imprime os pedidos", group="bemsoft", example="1")
+    dry_run: bool = setting("BEMSOFT_DRY_RUN", False, Flag(), "`1` = não envia nada nem grava no "
+                            "banco ou em `FAILED_DIR`, só imprime os pedidos (o log continua)",
+                            group="bemsoft", example="1")
     timeout: float = setting("BEMSOFT_TIMEOUT", 30.0, Number(0.1, 600, unit="s"),
                              "tempo máximo de cada chamada HTTP inteira, do conectar ao último "
                              "byte da resposta (s)", group="bemsoft")
@@ -301,11 +303,65 @@ class Settings:
         "STATUS_TOKEN", "", Secret(pattern=r"[\x21-\x7e]{16,}", expected=(
             "deve ter ao menos 16 caracteres, sem espaços (gere um valor aleatório, ex.: python "
             "-c \"import secrets; print(secrets.token_urlsafe(24))\")")),
-        "senha do painel em `/` (valor aleatório, 16+ caracteres); obrigatória com "
-        "`METRICS_HOST` fora de `127.0.0.1`", group="operation", example="")
+        "senha do painel em `/` e, fora de `127.0.0.1`, de `/metrics` (valor aleatório, 16+ "
+        "caracteres); obrigatória com `METRICS_HOST` fora de `127.0.0.1`", group="operation",
+        example="")
     health_max_age: float = setting("HEALTH_MAX_AGE", 300.0, Number(1, 7 * 86400, unit="s"),
                                     "`/healthz` responde 503 se nenhum ciclo terminou há mais "
                                     "de N s", group="operation")
+    # ------------------------------------------------------------ alerts
+    alert_email_to: tuple[str, ...] = setting(
+        "ALERT_EMAIL_TO", (), EmailList(), "destinatários dos alertas por e-mail, separados por "
+        "vírgula (vazio: sem e-mail)", group="alerts", example="ti@laboratorio.com.br",
+        commented=True)
+    alert_email_from: str = setting(
+        "ALERT_EMAIL_FROM", "", Email(), "remetente dos alertas (no Microsoft 365 e no Gmail, a "
+        "própria conta de `SMTP_USER`); sem ele, `SMTP_USER` quando for um e-mail",
+        group="alerts", example="monitor@laboratorio.com.br", commented=True)
+    smtp_host: str = setting(
+        "SMTP_HOST", "", Host(), "servidor SMTP: `smtp.office365.com`, `smtp.gmail.com` ou o "
+        "relay interno", group="alerts", example="smtp.office365.com", commented=True)
+    smtp_port: int = setting(
+        "SMTP_PORT", 587, Port(), "porta do SMTP (com `SMTP_SECURITY=ssl`, o padrão é 465)",
+        group="alerts", commented=True)
+    smtp_user: str = setting(
+        "SMTP_USER", "", Text(), "usuário do SMTP (vazio: relay sem autenticação)",
+        group="alerts", example="monitor@laboratorio.com.br", commented=True)
+    smtp_password: str = setting(
+        "SMTP_PASSWORD", "", Secret(raw=True), "senha do SMTP (no Gmail, uma senha de app); "
+        "nunca aparece em log nem em alerta", group="alerts", example="senha", commented=True)
+    smtp_security: str = setting(
+        "SMTP_SECURITY", "starttls", Choice("starttls", "ssl", "none", case="lower"),
+        "`starttls` (587), `ssl` (465) ou `none` (relay interno na porta 25, sem senha); o "
+        "certificado é verificado com as mesmas CAs da API", group="alerts", commented=True)
+    alert_webhook_url: str = setting(
+        "ALERT_WEBHOOK_URL", "", Url(secret_path=True), "webhook que recebe os alertas em JSON "
+        "com o campo `text` (Teams workflow, Slack, Google Chat, Mattermost); o endereço é "
+        "segredo e nunca aparece inteiro", group="alerts",
+        example="https://prod-00.westus.logic.azure.com/workflows/...", commented=True)
+    heartbeat_url: str = setting(
+        "HEARTBEAT_URL", "", Url(secret_path=True), "endereço chamado depois de um ciclo "
+        "saudável, no máximo uma vez por minuto (healthchecks.io, Uptime Kuma, Better Stack): "
+        "avisa quando o próprio monitor parou", group="alerts",
+        example="https://hc-ping.com/<uuid>", commented=True)
+    alert_after: float = setting(
+        "ALERT_AFTER_SECONDS", 900.0, Number(1, 7 * 86400, unit="s"), "quanto tempo API ou "
+        "banco indisponível, envio parado ou monitor em espera duram antes do alerta (s)",
+        group="alerts")
+    alert_repeat: float = setting(
+        "ALERT_REPEAT_SECONDS", 14400.0, Number(60, 30 * 86400, unit="s"), "lembrete enquanto "
+        "um problema continua aberto (s)", group="alerts")
+    alert_failures_every: float = setting(
+        "ALERT_FAILURES_SECONDS", 3600.0, Number(60, 7 * 86400, unit="s"), "intervalo mínimo "
+        "entre dois resumos de falhas novas em `FAILED_DIR` (s)", group="alerts")
+    alert_daily_at: dt.time | None = setting(
+        "ALERT_DAILY_AT", None, ClockTime(), "hora (HH:MM, no `TIMEZONE`) do resumo diário: "
+        "entregues, falhas e aguardando no dia anterior (vazio: sem resumo)", group="alerts",
+        example="07:30", commented=True)
+    alert_timeout: float = setting(
+        "ALERT_TIMEOUT", 15.0, Number(1, 120, unit="s"), "tempo máximo de cada envio de alerta "
+        "(s); um canal fora do ar é tentado de novo depois, sem atrasar entregas",
+        group="alerts")
     # ------------------------------------------------------------ derived by the rules below
     proxy: Proxy | None = None
     test_map: Mapping[str, TestMapping] = field(default_factory=dict)
@@ -462,8 +518,34 @@ def _note(s: Settings, text: str) -> Settings:
     return replace(s, notes=(*s.notes, text))
 
 
+def check_email_alerts(s: Settings) -> Settings | None:
+    """E-mail alerts need a server and a sender; a password goes with a user, and never over
+    a connection without TLS to another machine."""
+    changes = {}
+    if s.smtp_security == "ssl" and "smtp_port" not in s.sources:
+        changes["smtp_port"] = 465
+    if s.smtp_user and not s.smtp_password:
+        raise ConfigError("SMTP_PASSWORD", "é obrigatório com SMTP_USER (no Gmail, uma senha de app)")
+    if s.smtp_password and not s.smtp_user:
+        raise ConfigError("SMTP_USER", "é obrigatório com SMTP_PASSWORD")
+    if s.smtp_user and s.smtp_security == "none" and s.smtp_host and not is_loopback(s.smtp_host):
+        raise ConfigError("SMTP_SECURITY", "não pode ser none com SMTP_USER: a senha iria em claro "
+                                           "pela rede; use starttls (587) ou ssl (465)")
+    if s.alert_email_to:
+        if not s.smtp_host:
+            raise ConfigError("SMTP_HOST", "é obrigatório com ALERT_EMAIL_TO (ex.: "
+                                           "smtp.office365.com, smtp.gmail.com ou o relay interno)")
+        if not s.alert_email_from:
+            if "@" not in s.smtp_user:
+                raise ConfigError("ALERT_EMAIL_FROM", "é obrigatório com ALERT_EMAIL_TO (o "
+                                                      "remetente, ex.: monitor@laboratorio.com.br)")
+            changes["alert_email_from"] = s.smtp_user
+    return replace(s, **changes) if changes else None
+
+
 RULES = (require_database, require_terceiros, require_https, choose_proxy, check_ca,
-         require_token, gather_physician, warn_unverified, load_mapping, require_status_token)
+         require_token, gather_physician, warn_unverified, load_mapping, require_status_token,
+         check_email_alerts)
 
 
 # ---------------------------------------------------------------- helpers of the rules
@@ -488,15 +570,16 @@ def parse_proxy(raw: str, key: str) -> Proxy:
                  unquote(parts.password or ""))
 
 
-def select_proxy(s: Settings) -> Proxy | None:
-    """BEMSOFT_PROXY wins (`none` turns proxies off); else HTTPS_PROXY/HTTP_PROXY by the
-    API's scheme, unless NO_PROXY lists its host. A loopback API never goes through one."""
+def select_proxy(s: Settings, url: str | None = None) -> Proxy | None:
+    """The proxy on the way to `url` (default: the API). BEMSOFT_PROXY wins (`none` turns
+    proxies off); else HTTPS_PROXY/HTTP_PROXY by the URL's scheme, unless NO_PROXY lists its
+    host. A loopback address never goes through the environment's proxy.""" 
+    parts = urlsplit(url or s.base_url)
     own = s.bemsoft_proxy
     if own.lower() in ("none", "off", "-", "direto", "direct"):
         return None
     if own:
         return parse_proxy(own, "BEMSOFT_PROXY")
-    parts = urlsplit(s.base_url)
     raw = s.https_proxy if parts.scheme == "https" else s.http_proxy
     if not raw or is_loopback(parts.hostname):
         return None

@@ -171,6 +171,13 @@ class EmailList(NameList):
         return addresses
 
 
+class Email(Kind):
+    def parse(self, key, text, base_dir):
+        if not EmailList._ADDRESS.fullmatch(text):
+            raise ConfigError(key, f"deve ser um endereço de e-mail (recebido: {text!r})")
+        return text
+
+
 class Date(Kind):
     def parse(self, key, text, base_dir):
         try:

@@ -114,6 +114,22 @@ class FailureStore:
         except OSError as err:
             raise FailureWriteError(f"não foi possível gravar a falha em {self.directory}: {err}") from err
 
+    def writable(self) -> str | None:
+        """None when a file can be written in FAILED_DIR now (a small probe file, removed at
+        once); else why not (disk full, permissions), for the alerts."""
+        try:
+            self._ensure_dir()
+            fd, name = tempfile.mkstemp(prefix=".tmp-probe-", dir=self.directory)
+            try:
+                _write_all(fd, b"ok")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(name)
+        except OSError as err:
+            return str(err)
+        return None
+
     def files(self) -> list[Path]:
         if not self.directory.is_dir():
             return []

@@ -16,7 +16,7 @@ from typing import Callable
 
 import sqlalchemy as sa
 
-from .client import BemsoftClient
+from .client import BemsoftClient, Verdict
 from .config import Settings
 from .db import describe_query_timeout, is_query_timeout
 from .failures import FailureStore
@@ -34,6 +34,9 @@ from .status import StatusBoard
 __all__ = ["Monitor", "StartError", "CycleResult", "Stats", "DB_REFUSED_REASON", "count_items"]
 
 log = logging.getLogger(__name__)
+
+# answers that prove the API accepted the token (it judged the order itself)
+ANSWERED = (Verdict.DELIVERED, Verdict.DUPLICATE, Verdict.PERMANENT)
 
 
 class Monitor:
@@ -64,6 +67,7 @@ class Monitor:
                              failure_of=self.outcomes.failure_of)
         self._pause = cycle_pause(settings.backoff, settings.max_backoff)
         self._failed_cycles = 0
+        self.token_refused_since: float | None = None  # time.time(): the API refuses the token
 
     @property
     def checkpoint(self) -> int | None:
@@ -100,15 +104,17 @@ class Monitor:
         catching_up = page is not None and page.full and result.ready > 0
         if not catching_up or self.sender.halt.is_set() or catalog_down:
             self._harvest(result, "all")
-        if catalog_down or result.transient:
+        refused = self._watch_token(result, catalog_down)
+        failed = catalog_down or result.transient or refused
+        if failed:
             retry_after = max((j.delivery.retry_after or 0.0 for j in result.settled if j.delivery),
                               default=0.0)
-            self._pause_after_failure(catalog_down, retry_after)
+            self._pause_after_failure(catalog_down, retry_after, refused)
             self.ledger.cursor = None  # after the pause, start again from the window
         elif result.sent:
             self._failed_cycles = 0
         self._advance()
-        result.more = bool(self.sender.pages) or (catching_up and not (catalog_down or result.transient))
+        result.more = bool(self.sender.pages) or (catching_up and not failed)
         self.last_cycle_at = time.time()
         if self._lock_held.lost:  # another monitor sends meanwhile: this one waits
             self.status.standby()
@@ -167,14 +173,45 @@ class Monitor:
         self.ledger.written(write)
         self.status.progress(write.target, self.ledger.open_items, self.ledger.cursor is not None)
 
-    def _pause_after_failure(self, catalog_down: bool, retry_after: float = 0.0) -> None:
+    def _watch_token(self, result: CycleResult, catalog_down: bool) -> bool:
+        """A refused token (401, or a 403 that GET /tests confirms; GET /tests itself refused)
+        is one problem of the installation: said once, shown by the console and --status,
+        and sending pauses as in an outage until an answer shows it is accepted again.
+        True while it is refused."""
+        status = result.token_refused
+        error = self.planner.catalog_error
+        if status is None and catalog_down and error is not None and error.token_refused:
+            status = error.status
+        if status is not None:
+            if self.token_refused_since is None:
+                self.token_refused_since = time.time()
+                log.error("Token recusado pela API (HTTP %s): envio pausado para todos os pedidos. "
+                          "Nada vai para FAILED_DIR e nada é perdido: os pedidos esperam com a "
+                          "mesma chave. Confira BEMSOFT_TOKEN no .env; o monitor tenta de novo "
+                          "sozinho (espera crescente até %.0f s) e retoma quando o token for "
+                          "aceito, ou reinicie-o com o token novo.", status, self.settings.max_backoff)
+                self.status.token_refused(status)
+                self.records.note_token_refused(status)
+            return True
+        answered = any(j.delivery is not None and j.delivery.outcome in ANSWERED for j in result.settled)
+        if self.token_refused_since is not None and answered:
+            log.info("Token aceito de novo pela API (recusado desde %s): envio retomado.",
+                     time.strftime("%H:%M:%S", time.localtime(self.token_refused_since)))
+            self.token_refused_since = None
+            self.status.token_accepted()
+            self.records.note_token_refused(None)
+        return False
+
+    def _pause_after_failure(self, catalog_down: bool, retry_after: float = 0.0,
+                             refused: bool = False) -> None:
         """Capped exponential pause for every sender (retry.cycle_pause); a server's
         Retry-After lengthens it, never shortens it."""
         self._failed_cycles += 1
         delay = self._pause.delay(self._failed_cycles, retry_after)
         self.gate.pause(delay)
         self.status.api_paused(delay)
-        what = "catálogo /tests indisponível" if catalog_down else "API com falhas transitórias"
+        what = ("token recusado pela API" if refused else "catálogo /tests indisponível"
+                if catalog_down else "API com falhas transitórias")
         log.warning("%s: envio pausado por %.0f s (ciclo %d com falha); nada foi descartado.",
                     what, delay, self._failed_cycles)
 
@@ -191,6 +228,8 @@ class Monitor:
                     raise
                 if is_query_timeout(err):  # blocked behind a LIS transaction: not an outage
                     log.warning("%s", describe_query_timeout(self.settings))
+                    self.status.db_down("leituras do banco canceladas por DB_QUERY_TIMEOUT "
+                                        "(transação longa no LIS?)")
                     self.gate.sleep(self.settings.poll_seconds)
                     continue
                 failures += 1
@@ -204,7 +243,7 @@ class Monitor:
                     log.error("Banco de dados indisponível (%s). Tentando reconectar; nada é "
                               "enviado nem perdido enquanto isso.", short_error(err))
                 db_down = True
-                self.status.db_down()
+                self.status.db_down(f"banco de dados indisponível ({short_error(err)})")
                 self.gate.sleep(DB_RECONNECT.delay(failures))
                 continue
             except Exception:

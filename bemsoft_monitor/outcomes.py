@@ -28,6 +28,7 @@ class CycleResult:
     held: int = 0
     sent: int = 0
     transient: int = 0
+    token_refused: int | None = None   # the HTTP status (401/403) when the API refused the token
     more: bool = False
     settled: list = field(default_factory=list)
 
@@ -70,7 +71,8 @@ class Outcomes:
             result.sent += 1
             self._settle(job, result)
         result.settled.append(job)
-        self.status.settled(job.cod, len(job.item_ids), job.key, job.outcome, job.delivery)
+        self.status.settled(job.cod, len(job.item_ids), job.key, job.outcome, job.delivery,
+                            job.failure.reason if job.failure is not None else None)
 
     def _settle(self, job: Job, result: CycleResult) -> None:
         delivery = job.delivery
@@ -97,6 +99,11 @@ class Outcomes:
             return
         if delivery.outcome == Verdict.PERMANENT:
             self.record_failure(job)
+            return
+        if delivery.outcome == Verdict.TOKEN_REFUSED:
+            # one problem of the installation, not of this order: it stays "sending" under
+            # its key, counts no attempt towards giving up, and the monitor pauses every sender
+            result.token_refused = delivery.status
             return
         # transient: keep the "sending" record (same key next time), unless it keeps failing
         # while other solicitations go through
@@ -148,6 +155,8 @@ class Outcomes:
         if self._unwritten.pop(job.key, None) is not None:
             self._unwritten_logged.pop(job.key, None)
             log.info("Falha da solicitação %s finalmente gravada.", job.cod)
+            if not self._unwritten:
+                self.status.disk_error("FAILED_DIR", None)
         self._forget(job.key)
         job.outcome = ItemStatus.FAILED
         self.stats.failed += 1
@@ -162,6 +171,7 @@ class Outcomes:
         record = job.failure
         # logged once, then every few minutes: a disk full for hours must not flood the log
         now = self.clock()
+        self.status.disk_error("FAILED_DIR", str(err))
         if job.key not in self._unwritten or now - self._unwritten_logged.get(job.key, 0) >= 300:
             self._unwritten_logged[job.key] = now
             log.error("Solicitação %s falhou (%s), mas %s. O checkpoint fica parado até "

@@ -112,6 +112,7 @@ class Planner:
         self.catalog = catalog
         self.failures = failures
         self._first_seen: dict[str, tuple[tuple, float]] = {}
+        self.catalog_error: CatalogUnavailable | None = None   # why the last jobs() deferred
 
     # ------------------------------------------------------------------ debounce
     def split(self, rows: list[ItemRow], now: float, complete: bool) -> tuple[list[Group], list[Group]]:
@@ -142,10 +143,12 @@ class Planner:
         `retried(key)`: it already failed transiently; those go last, so one bad order cannot
         keep the others waiting."""
         jobs: list[Job] = []
+        self.catalog_error = None
         for index, group in enumerate(groups):
             try:
                 jobs.extend(self.build(group))
             except CatalogUnavailable as err:
+                self.catalog_error = err
                 log.warning("Catálogo /tests indisponível (%s): envio adiado.", err)
                 return jobs, [i for rest in groups[index:] for i in rest.item_ids]
             except Exception as err:  # a bug in one group's handling costs that group only

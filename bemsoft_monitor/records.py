@@ -52,8 +52,20 @@ class Records:
             floor = checkpoint
             if not self.dry_run:
                 source.save_checkpoint(floor, source.floor_name)
+        if not self.dry_run:  # a new process: whether the token is refused is not known yet
+            self.note_token_refused(None)
         return Ledger(checkpoint, floor, high_water, lookback=self.settings.lookback_items,
                       dry_run=self.dry_run)
+
+    def note_token_refused(self, status: int | None) -> None:
+        """Kept in _MonitorState while the API refuses the token, for `--status` (another
+        process). Informational: a database error here is logged, never raised."""
+        if self.dry_run:
+            return
+        try:
+            self.source.note(self.source.token_note_name, status)
+        except sa.exc.DBAPIError as err:
+            log.debug("Não foi possível registrar o estado do token (%s).", short_error(err))
 
     def _first_checkpoint(self) -> int:
         start_from, total = self.settings.start_from, self.source.count_backlog(0)

@@ -24,8 +24,10 @@ log = logging.getLogger(__name__)
 
 
 class ReplayStatus:
-    """What replaying one failure file came to (not the API's Answer nor an ItemStatus)."""
+    """What replaying one failure file came to (not the API's Answer nor an ItemStatus).
+    TOKEN_REFUSED: the API refused the token; the file is left as it was and the run stops."""
     OK, WOULD_SEND, FAILED, SKIPPED = "ok", "would-send", "failed", "skipped"
+    TOKEN_REFUSED = "token-refused"
 
 
 HEADER_SAFE = re.compile(r"[\x21-\x7e]{1,200}")   # visible ASCII: fits an HTTP header
@@ -76,7 +78,7 @@ def key_was_refused(record: FailureRecord) -> bool:
     if record.http_status is None:
         return False
     verdict, _, _ = judge(record.http_status, record.response.encode("utf-8", "replace"))
-    return verdict == Verdict.PERMANENT
+    return verdict in (Verdict.PERMANENT, Verdict.TOKEN_REFUSED)
 
 
 def replay_file(path: Path, settings: Settings, client: BemsoftClient | None, catalog, *,
@@ -92,7 +94,10 @@ def replay_file(path: Path, settings: Settings, client: BemsoftClient | None, ca
             return ReplayResult(path, ReplayStatus.FAILED, f"arquivo ilegível, deixado no lugar: {err}")
         try:
             payload, item_ids, key = prepare(record, settings, catalog)
-        except (TransformError, CatalogUnavailable) as err:
+        except CatalogUnavailable as err:
+            status = ReplayStatus.TOKEN_REFUSED if err.token_refused else ReplayStatus.FAILED
+            return ReplayResult(path, status, str(err), key=record.key)
+        except TransformError as err:
             return ReplayResult(path, ReplayStatus.FAILED, str(err), key=record.key)
         except Exception as err:  # an odd stored value must not stop the other files
             log.debug("Erro inesperado ao remontar %s", path.name, exc_info=True)
@@ -112,6 +117,8 @@ def replay_file(path: Path, settings: Settings, client: BemsoftClient | None, ca
             log.debug("Erro ao enviar %s", path.name, exc_info=True)
             return ReplayResult(path, ReplayStatus.FAILED, "erro ao enviar: " + redact(repr(err), settings),
                                 key=key)
+        if delivery.outcome == Verdict.TOKEN_REFUSED:  # not this file's problem: left as it is
+            return ReplayResult(path, ReplayStatus.TOKEN_REFUSED, delivery.reason, key, payload, delivery)
         if delivery.ok:
             target = _move_delivered(claimed, move_ok, path.name)
             claimed = None

@@ -105,8 +105,9 @@ def replay_once(args, settings, client, catalog, directory: Path, move_ok: Path,
     file) ends it after the file being sent, the others stay for the next round."""
     from .failures import FailureStore, release_stale_claims
     from .replay import ReplayStatus, replay_file
-    OK, WOULD_SEND, FAILED, SKIPPED = (ReplayStatus.OK, ReplayStatus.WOULD_SEND, ReplayStatus.FAILED,
-                                       ReplayStatus.SKIPPED)
+    OK, WOULD_SEND, FAILED, SKIPPED, REFUSED = (ReplayStatus.OK, ReplayStatus.WOULD_SEND,
+                                                ReplayStatus.FAILED, ReplayStatus.SKIPPED,
+                                                ReplayStatus.TOKEN_REFUSED)
 
     if args.file:
         paths = [Path(f) for f in args.file]
@@ -134,6 +135,13 @@ def replay_once(args, settings, client, catalog, directory: Path, move_ok: Path,
             show(f"[ERRO] {path.name}: erro inesperado: {err!r}", out, settings)
             counts[FAILED] += 1
             continue
+        if result.status == REFUSED:  # the installation's problem: stop, touch nothing more
+            left = len(paths) - done
+            show(f"[PARADO] {result.message}. Nenhum arquivo foi alterado; {left} arquivo(s) "
+                 "continuam em FAILED_DIR para depois que o token for corrigido.", out, settings)
+            counts[FAILED] += 1
+            paths = paths[:done + 1]
+            break
         counts[result.status] += 1
         label = {OK: "[OK]", WOULD_SEND: "[DRY-RUN]", FAILED: "[ERRO]", SKIPPED: "[PULADO]"}[result.status]
         show(f"{label} {path.name}: {result.message}", out, settings)

@@ -71,8 +71,8 @@ class Sender:
         except Exception as err:  # a bug or an odd value: a recorded failure, not a lost item
             log.debug("Erro inesperado ao enviar a solicitação %s", job.cod, exc_info=True)
             job.delivery = Delivery(Verdict.PERMANENT, None, 1, f"erro inesperado ao enviar: {err!r}")
-        if job.delivery.outcome == Verdict.TRANSIENT:
-            self.halt.set()
+        if job.delivery.outcome in (Verdict.TRANSIENT, Verdict.TOKEN_REFUSED):
+            self.halt.set()  # the others wait: a refused token is refused for all of them
         elif job.delivery.outcome == Verdict.PERMANENT:
             # written at once, not when the page is settled: after a crash, the re-send of a
             # key the API remembers would get a 409 (SPEC §5.2); the file makes it a failure

@@ -96,6 +96,26 @@ class LegacySource:
         monitor_metadata.create_all(self.engine, checkfirst=True)
 
     @property
+    def token_note_name(self) -> str:
+        """State row kept while the API refuses the token: LastItemId is the HTTP status,
+        UpdatedAt since when (UTC). `--status`, another process, reads it."""
+        return f"{self.name}#token-recusado"
+
+    def note(self, name: str, value: int | None) -> None:
+        """Set (or, with None, remove) one of the monitor's state rows other than the
+        checkpoint, in one short transaction; since when it holds is kept."""
+        with self.engine.begin() as conn:
+            if value is None:
+                conn.execute(state_delete_statement(name))
+            elif conn.execute(checkpoint_read_statement(name)).first() is None:
+                conn.execute(checkpoint_insert_statement(name, value, _utcnow()))
+
+    def read_note(self, name: str) -> tuple[int, dt.datetime] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(state_row_statement(name)).first()
+        return None if row is None else (int(row[0]), row[1])
+
+    @property
     def floor_name(self) -> str:
         """State row holding the start point: the look-back window never reaches below it
         (items before the first start, or handled by an older monitor, are not ours)."""
@@ -243,6 +263,8 @@ class LegacySource:
             "checkpoint_update": checkpoint_update_statement(self.name, 1, now),
             "checkpoint_insert": checkpoint_insert_statement(self.name, 1, now),
             "checkpoint_read": checkpoint_read_statement(self.name),
+            "state_row": state_row_statement(self.token_note_name),
+            "state_delete": state_delete_statement(self.token_note_name),
             "backlog": self.backlog_statement(0),
             "max_item": self.max_item_statement(),
             "max_recorded": self.max_recorded_statement(),
@@ -395,6 +417,15 @@ def unique_rows(rows: list[ItemRow]) -> list[ItemRow]:
 
 def checkpoint_read_statement(name: str):
     return sa.select(monitor_state.c.LastItemId).where(monitor_state.c.Name == name)
+
+
+def state_row_statement(name: str):
+    return sa.select(monitor_state.c.LastItemId, monitor_state.c.UpdatedAt).where(
+        monitor_state.c.Name == name)
+
+
+def state_delete_statement(name: str):
+    return monitor_state.delete().where(monitor_state.c.Name == name)
 
 
 def checkpoint_update_statement(name: str, value: int, now):

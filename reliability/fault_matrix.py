@@ -6,8 +6,10 @@ do projeto em processo próprio, para BEMSOFT_CONCURRENCY=1 e 4.
 Esperado (SPEC §5-§6):
 - falhas transitórias (429 com Retry-After, 500, 502, 503, 504, timeout do cliente, conexão
   derrubada, resposta lenta) -> tudo entregue exatamente uma vez, NENHUM arquivo de falha;
-- falhas permanentes (400, 401, 201 com erro no corpo) -> só as solicitações atingidas em
+- falhas permanentes (400, 201 com erro no corpo) -> só as solicitações atingidas em
   FAILED_DIR, com o motivo e o http_status; todas as outras entregues;
+- token recusado (401) -> o envio pausa para todos, nada vai para FAILED_DIR, e tudo é
+  entregue exatamente uma vez, com as mesmas chaves, quando o token volta a ser aceito;
 - 409 (chave já recebida) -> conta como entregue, a API guarda cada exame uma vez;
 - em todos os casos: nenhum item perdido (guardado uma vez OU num arquivo de falha, nunca os
   dois, nunca nenhum) e checkpoint == último CodItemSol.
@@ -17,10 +19,10 @@ Como cada falha é injetada (POST /_fake/faults na API falsa):
   pausa geral do monitor e o reenvio no ciclo seguinte também são exercitados); 429 com
   `Retry-After: 1`; `drop_next` 5; `timeout_next` 3 com atraso maior que BEMSOFT_TIMEOUT (a API
   guarda o pedido e responde tarde: o reenvio com a mesma chave recebe 409).
-- 400 / 401 / 201 com erro: `fail_next` n=2 com o status (e o corpo) da API real. O `GET
-  /tests` não é afetado por `fail_next`, então o catálogo carrega com o token válido e o 401
-  chega no POST — como um token revogado/sem permissão de escrita entre a leitura do catálogo
-  e o envio. Caso extra "token errado": o monitor parte com um token que a API recusa já no
+- 400 / 201 com erro: `fail_next` n=2 com o status (e o corpo) da API real. 401: `fail_next`
+  n=5; o `GET /tests` não é afetado por `fail_next`, então o catálogo carrega com o token
+  válido e o 401 chega no POST — como um token revogado e depois restabelecido entre a leitura
+  do catálogo e o envio. Caso extra "token errado": o monitor parte com um token que a API recusa já no
   `GET /tests`; esperado: nada enviado, nada em FAILED_DIR, checkpoint parado; com o token
   corrigido tudo é entregue.
 - 409 realista: o monitor entrega metade; apagamos as linhas dele em _MonitorItems e
@@ -271,7 +273,7 @@ def case_mixed(case: Case) -> None:
     steps = [
         {"at": at(0.10), "faults": {"fail_next": {"n": 1, "status": 400, "body": BODY_400}}, "status": 400},
         {"at": at(0.20), "faults": {"drop_next": 2}},
-        {"at": at(0.30), "faults": {"fail_next": {"n": 1, "status": 401, "body": BODY_401}}, "status": 401},
+        {"at": at(0.30), "faults": {"fail_next": {"n": 1, "status": 401, "body": BODY_401}}},
         {"at": at(0.40), "faults": {"fail_next": {"n": 2, "status": 429, "retry_after": 1}}},
         {"at": at(0.50), "faults": {"fail_next": {"n": 1, "status": 201, "body": BODY_ERROR}},
          "status": 201},
@@ -340,7 +342,7 @@ def run_fault(fault: str, concurrency: int, solicitations: int = 100, items: int
         elif fault == "400":
             case_permanent(case, 400, BODY_400)
         elif fault == "401":
-            case_permanent(case, 401, BODY_401)
+            case_transient(case, {"fail_next": {"n": TRANSIENT_N, "status": 401, "body": BODY_401}}, "401")
         elif fault == "201-com-erro":
             case_permanent(case, 201, BODY_ERROR)
         elif fault == "lenta":
@@ -390,7 +392,7 @@ def _evaluate(case: Case) -> dict:
 
 
 def kind_of(fault: str) -> str:
-    if fault in ("400", "401", "201-com-erro", "201-com-erro-real"):
+    if fault in ("400", "201-com-erro", "201-com-erro-real"):
         return PERMANENT
     if fault in ("409", "401-token-errado", "misto", "timeout+201-com-erro-real"):
         return "especial"

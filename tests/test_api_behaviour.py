@@ -164,41 +164,77 @@ def test_wrong_token_sends_nothing_loses_nothing_and_says_so(harness, tmp_path, 
     assert harness.checkpoint() == max(ids)
 
 
-def test_401_on_post_is_a_failure_naming_the_token_setting(harness, tmp_path, caplog):
+@pytest.mark.parametrize("refusal", [401, 403])
+def test_a_revoked_token_pauses_sending_and_all_goes_once_when_accepted_again(harness, tmp_path,
+                                                                             caplog, refusal):
+    """Issue 15 §1: a refused token is one problem of the installation. No failure file,
+    the items wait under their keys, the checkpoint holds; the monitor probes with the same
+    request and key, and resumes by itself when the token is accepted again. A 403 counts
+    as the token's when GET /tests refuses the token too."""
     first = harness.order(1, ["GLI"])
-    monitor = harness.monitor(BEMSOFT_RETRIES=3)
+    monitor = fast_clocks(harness, harness.monitor(BEMSOFT_RETRIES=3, **FAST))
     monitor.step()                                 # catalog loaded, order 1 delivered
-    harness.api.token = "rotated-on-the-bemsoft-side"   # our BEMSOFT_TOKEN is now wrong
-    second = harness.order(2, ["TSH"])
+    harness.api.token = "rotated-on-the-bemsoft-side"   # our BEMSOFT_TOKEN is now refused
+    harness.api.refusal_status = refusal
+    second, third = harness.order(2, ["TSH"]), harness.order(3, ["GLI", "HEMO"])
     with caplog.at_level(logging.INFO):
         monitor.step()
-    [path] = failure_files(tmp_path)
-    record = json.loads(path.read_text(encoding="utf-8"))
-    assert record["item_ids"] == second and record["http_status"] == 401
-    assert "BEMSOFT_TOKEN" in record["reason"]
-    assert [r["status"] for r in posts(harness.api)] == [201, 401]   # not retried
-    assert TOKEN not in path.read_text(encoding="utf-8")
+        monitor.skip_pause()
+        monitor.step()                             # the probe: refused again
+        assert failure_files(tmp_path) == []
+        assert harness.checkpoint() == max(first)
+        assert monitor.status.snapshot().state == "token_refused"
+        refused = [r for r in posts(harness.api) if r["status"] == refusal]
+        assert len(refused) >= 2                   # the first send and the probe, never retried at once
+        assert {r["key"] for r in refused} <= {idempotency_key("2", second), idempotency_key("3", third)}
+        harness.api.token = TOKEN                  # accepted again on the Bemsoft side
+        monitor.skip_pause()
+        monitor.step()
+    assert stored_once(harness.api, first + second + third)
+    assert harness.checkpoint() == max(third)
+    assert failure_files(tmp_path) == []
+    for cod, ids in (("2", second), ("3", third)):   # every send of an order under one key
+        assert {r["key"] for r in posts(harness.api) if r["body"]["batch"]["externalId"] == f"sol-{cod}"} \
+            == {idempotency_key(cod, ids)}
+    assert caplog.text.count("Token recusado pela API (HTTP") == 1      # said once, not per order
+    assert "Token aceito de novo pela API" in caplog.text
+    assert monitor.status.snapshot().state != "token_refused"
     assert TOKEN not in caplog.text
-    assert stored_once(harness.api, first)
-    assert harness.checkpoint() == max(second)
 
 
-@pytest.mark.parametrize("status", [401, 403])
-def test_token_echoed_by_the_api_is_redacted(harness, tmp_path, caplog, status):
+def test_a_403_for_the_order_while_the_token_works_is_filed_and_the_echo_redacted(harness, tmp_path,
+                                                                                   caplog):
+    """A 403 while GET /tests accepts the token is this order's refusal: a failure file,
+    as before, with the token the API echoed masked."""
     ids = harness.order(1, ["GLI"])
-    harness.api.fail_next(1, status=status,
-                          body={"error": f"token inválido: Bearer {TOKEN}", "token": TOKEN})
+    harness.api.fail_next(1, status=403,
+                          body={"error": f"sem permissão: Bearer {TOKEN}", "token": TOKEN})
     monitor = harness.monitor()
     with caplog.at_level(logging.DEBUG):
         monitor.step()
     [path] = failure_files(tmp_path)
     text = path.read_text(encoding="utf-8")
     record = json.loads(text)
-    assert record["http_status"] == status and record["item_ids"] == ids
-    assert "BEMSOFT_TOKEN" in record["reason"]
+    assert record["http_status"] == 403 and record["item_ids"] == ids
+    assert "HTTP 403" in record["reason"] and record["refused"] is True
+    assert harness.api.tests_calls >= 2            # the catalog, then the check of the token
     assert TOKEN not in text
     assert TOKEN not in caplog.text
+
+
+def test_a_401_echoing_the_token_pauses_without_a_file_and_never_shows_it(harness, tmp_path, caplog):
+    ids = harness.order(1, ["GLI"])
+    harness.api.fail_next(1, status=401, body={"error": f"token inválido: Bearer {TOKEN}",
+                                               "token": TOKEN})
+    monitor = fast_clocks(harness, harness.monitor(**FAST))
+    with caplog.at_level(logging.DEBUG):
+        monitor.step()
+        assert failure_files(tmp_path) == []
+        monitor.skip_pause()
+        monitor.step()
+    assert stored_once(harness.api, ids)
     assert "BEMSOFT_TOKEN" in caplog.text
+    assert TOKEN not in caplog.text
 
 
 # ---------------------------------------------------------------- §5.3: transient answers

@@ -323,7 +323,11 @@ FUZZ_KEYS = [k for k in config.KNOWN_KEYS if k != "BEMSOFT_TEST_MAP_PATH"]
 # a bad value may be reported under a related key
 RELATED = {"DATABASE_URL": {"DATABASE_URL", "DB_SERVER"},
            "TERCEIRO": {"TERCEIROS"},
-           "BEMSOFT_DRY_RUN": {"BEMSOFT_DRY_RUN", "BEMSOFT_TOKEN"}}
+           "BEMSOFT_DRY_RUN": {"BEMSOFT_DRY_RUN", "BEMSOFT_TOKEN"},
+           # settings that only work in pairs name the missing one
+           "SMTP_USER": {"SMTP_USER", "SMTP_PASSWORD"},
+           "SMTP_PASSWORD": {"SMTP_PASSWORD", "SMTP_USER"},
+           "ALERT_EMAIL_TO": {"ALERT_EMAIL_TO", "SMTP_HOST"}}
 
 
 @hsettings(max_examples=200, deadline=None, database=None,

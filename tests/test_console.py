@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from bemsoft_monitor.client import Delivery
+from bemsoft_monitor.client import Delivery, Verdict
 from bemsoft_monitor.config import ConfigError, Proxy, is_loopback, parse_settings
 from bemsoft_monitor.console import Console
 from bemsoft_monitor.console.access import authorized
@@ -125,8 +125,10 @@ def test_dry_run_banner(tmp_path):
     board = StatusBoard(clock=Clock(), tz=SP, dry_run=True)
     board.cycle_done(True)
     settings = settings_for(tmp_path, BEMSOFT_DRY_RUN="1")
-    html = Console(board, settings).render()
-    assert ">DRY_RUN</strong>" in html and "sim: nada é enviado nem gravado" in html
+    console = Console(board, settings)
+    assert ">DRY_RUN</strong>" in console.render()
+    assert dict(console.page()["configuracao"])["BEMSOFT_DRY_RUN"] == "sim"
+    assert console.page()["alertas"].note == "DRY_RUN: nenhum alerta é enviado."
 
 
 # ---------------------------------------------------------------- failures and privacy
@@ -158,12 +160,13 @@ def test_failures_grouped_by_reason_with_replay_command_and_no_patient_data(tmp_
     for secret in ("Maria", "Sigilosa", "98765432100", "987.654.321-00", "1957-03-14", "14/03/1957",
                    TOKEN, "SENHA-DO-BANCO", "PROXY-SENHA", "proxyuser", "painel-token-0123456789"):
         assert secret not in html, secret
-    settings_shown = dict(page["configuracao"])
-    assert settings_shown["Proxy"] == "http://***@proxy.lab:3128 (de BEMSOFT_PROXY)"
-    assert settings_shown["Banco de dados"] == "postgresql: db.lab.local:5433 / LIS"
-    assert settings_shown["API"] == "https://bemsoft.example.test"
-    assert settings_shown["Laboratórios (TERCEIROS)"] == LAB
-    assert settings_shown["Envios em paralelo (BEMSOFT_CONCURRENCY)"] == "6"
+    settings_shown = dict(page["configuracao"])      # rows from the settings declarations
+    assert settings_shown["Proxy em uso"] == "http://***@proxy.lab:3128 (de BEMSOFT_PROXY)"
+    assert settings_shown["DATABASE_URL"] == "postgresql+psycopg://lis_user:***@db.lab.local:5433/LIS"
+    assert settings_shown["BEMSOFT_BASE_URL"] == "https://bemsoft.example.test"
+    assert settings_shown["TERCEIROS"] == LAB
+    assert settings_shown["BEMSOFT_CONCURRENCY"] == "6"
+    assert settings_shown["BEMSOFT_TOKEN"] == settings_shown["STATUS_TOKEN"] == "*** (definido, oculto)"
 
 
 @pytest.mark.parametrize("reason, group", [
@@ -541,3 +544,16 @@ def test_token_in_the_query_never_reaches_the_log(harness, caplog, capfd):
     assert "metrics: - (pedido malformado) 400" in caplog.text
     assert token not in caplog.text and "?token" not in caplog.text
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_the_page_passes_through_the_one_redaction(tmp_path):
+    """Control characters and bidi overrides in LIS codes reach the page escaped, as in the
+    log: HTML escaping alone leaves them raw."""
+    settings = settings_for(tmp_path)
+    failure(FailureStore(settings.failed_dir), 101, "item sem código de exame")
+    board = StatusBoard(clock=Clock(), tz=SP)
+    board.settled("77\x1b]0;título\x07\u202e", 1, "sol-77-abc", "delivered",
+                  Delivery(Verdict.DELIVERED, 201, 1, "ok", duration=0.01))
+    html = Console(board, settings).render()
+    assert "\x1b" not in html and "\u202e" not in html and "\x07" not in html
+    assert "77\\x1b]0;título\\x07\\u202e" in html

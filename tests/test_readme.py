@@ -21,7 +21,7 @@ TEST_COMMAND = "pip install -r requirements-dev.txt && python -m pytest -q"
 
 
 def code_blocks(text):
-    return re.findall(r"```\n(.*?)```", text, flags=re.S)
+    return re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
 
 
 def test_quick_start_is_two_commands_and_ci_runs_the_test_one():

@@ -245,11 +245,15 @@ def test_409_is_a_duplicate_whatever_the_body():
         assert outcome == Verdict.DUPLICATE
 
 
-@pytest.mark.parametrize("status", [401, 403])
-def test_token_refusals_are_permanent_and_name_the_setting(status):
-    outcome, reason = classify(status, b'{"error": "token inv\xc3\xa1lido"}')
-    assert outcome == Verdict.PERMANENT
-    assert "BEMSOFT_TOKEN" in reason and str(status) in reason
+def test_a_401_is_the_token_refused_and_names_the_setting():
+    outcome, reason = classify(401, b'{"error": "token inv\xc3\xa1lido"}')
+    assert outcome == Verdict.TOKEN_REFUSED
+    assert "BEMSOFT_TOKEN" in reason and "401" in reason
+
+
+def test_a_403_alone_is_the_orders_refusal_until_get_tests_says_otherwise():
+    outcome, reason = classify(403, b'{"error": "sem permiss\xc3\xa3o"}')
+    assert outcome == Verdict.PERMANENT and "403" in reason
 
 
 def test_400_is_permanent_and_carries_the_body():

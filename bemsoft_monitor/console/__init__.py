@@ -15,6 +15,7 @@ from typing import Mapping
 from urllib.parse import parse_qs
 
 from ..config import Settings
+from ..redaction import redact
 from ..status import StatusBoard
 from .access import authorized
 from .markup import render_page
@@ -27,8 +28,11 @@ class Console:
     """What the HTTP server calls: `render(query)` and `authorized(headers, query)`."""
 
     def __init__(self, board: StatusBoard, settings: Settings, *, env_file: str | None = None,
-                 scan: FailureScan | None = None, panels: tuple[Panel, ...] = PANELS):
+                 scan: FailureScan | None = None, panels: tuple[Panel, ...] = PANELS,
+                 alerts=None):
+        """`alerts`: the running Alerter (its `view()` feeds the Alertas panel), if any."""
         self.board, self.settings = board, settings
+        self.alerts = alerts
         self.env_file = env_file
         self.scan = scan or FailureScan(settings.failed_dir)
         self.panels = panels
@@ -37,10 +41,13 @@ class Console:
         params = parse_qs(query)
         params.pop("token", None)   # the credential is checked by `authorized`, never shown
         return build_page(self.board.snapshot(), self.settings, self.scan.summary(),
-                          env_file=self.env_file, query=params, panels=self.panels)
+                          env_file=self.env_file, query=params, panels=self.panels,
+                          alerts=self.alerts.view() if self.alerts is not None else None)
 
     def render(self, query: str = "") -> str:
-        return render_page(self.page(query))
+        """The page, through the one redaction every output passes: no secret, and control
+        characters from LIS codes shown escaped (HTML escaping leaves them raw)."""
+        return redact(render_page(self.page(query)), self.settings)
 
     def authorized(self, headers: Mapping[str, str], query: str) -> bool:
         return authorized(self.settings.status_token, headers, query)

@@ -29,8 +29,8 @@ class Page:
 
 def build_page(snap: Snapshot, settings: Settings, failures: FailureSummary, *,
                env_file: str | None = None, query: Mapping[str, list[str]] | None = None,
-               panels: tuple[Panel, ...] = PANELS) -> Page:
-    ctx = Context(snap, settings, failures, dict(query or {}), env_file)
+               panels: tuple[Panel, ...] = PANELS, alerts=None) -> Page:
+    ctx = Context(snap, settings, failures, dict(query or {}), env_file, alerts)
     return Page(title=f"Monitor SQL → Bemsoft — {settings.monitor_name}",
                 generated=moment(snap.now, settings.tz), state=banner(snap, settings.tz).text,
                 sections=tuple((panel, panel.build(ctx)) for panel in panels))

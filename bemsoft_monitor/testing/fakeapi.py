@@ -11,6 +11,10 @@ It reproduces the production behaviour described in SPEC.md §3-§5:
   batch's ``date`` is silently not stored. A later request with the same batch externalId
   and a new key adds its tests to that batch.
 
+It also receives alerts, as a lab's chat and uptime services would: ``POST /webhook/<any>``
+records the JSON body (``webhooks``) and ``GET /ping/<any>`` a heartbeat (``heartbeats``);
+``hook_status`` makes both answer another status (a webhook that is down).
+
 Faults can be injected at run time, in-process (``fail_next``, ``drop_next``,
 ``timeout_next``, ``fault_rate``, ``set_latency``) or over HTTP through the control
 endpoints ``GET /_fake/state``, ``POST /_fake/faults`` and ``POST /_fake/reset`` when the
@@ -385,6 +389,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _route_get(self, fake: "FakeBemsoft", path: str) -> None:
         if path == "/_fake/state":
             self._send_json(200, fake.state())
+        elif path.startswith("/ping/"):
+            self._send_json(fake._hook("heartbeats", path, None), {"ok": True})
         elif path.endswith("/tests"):
             status, obj = fake._handle_tests(self.headers.get("Authorization"))
             if status == 0:
@@ -404,6 +410,13 @@ class _Handler(BaseHTTPRequestHandler):
         if path.startswith("/_fake/"):
             status, obj = fake._handle_control(path, raw)
             self._send_json(status, obj)
+        elif path.startswith("/webhook/"):
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                self._send_json(400, {"error": "corpo não é JSON"})
+                return
+            self._send_json(fake._hook("webhooks", path, body), {"ok": True})
         elif path == fake.endpoint or path.endswith(fake.endpoint):
             self._post_requests(fake, raw)
         else:
@@ -457,6 +470,7 @@ class FakeBemsoft:
         """``tls``: serve HTTPS with this server context; ``host_name``: the name in
         ``url`` (it still listens on 127.0.0.1 only; a test proxy can resolve the name)."""
         self.token = token
+        self.refusal_status = 401   # what a wrong token gets (some gateways answer 403)
         self.host_name = host_name
         self.endpoint = "/" + endpoint.strip("/")
         self.max_external_id = max_external_id
@@ -540,6 +554,9 @@ class FakeBemsoft:
         self._rng = random.Random()
         self._tests_fail_n = 0
         self._tests_fail_status = 503
+        self.webhooks: list[dict[str, Any]] = []     # bodies POSTed to /webhook/...
+        self.heartbeats: list[dict[str, Any]] = []   # GETs of /ping/...
+        self.hook_status = 200
 
     def reset(self) -> None:
         """Forget everything stored and seen, clear faults, restore the initial catalog and
@@ -688,6 +705,12 @@ class FakeBemsoft:
             }
 
     # -- request handling (called from handler threads) ----------------------------
+    def _hook(self, kind: str, path: str, body: Any) -> int:
+        with self._lock:
+            if self.hook_status < 300:
+                getattr(self, kind).append({"path": path, "body": body, "time": time.time()})
+            return self.hook_status
+
     def _count_connection(self) -> None:
         with self._lock:
             self.connections += 1
@@ -700,7 +723,7 @@ class FakeBemsoft:
                 status = self._tests_fail_status
                 return status, {"error": f"falha simulada ({status})"}
             if auth != f"Bearer {self.token}":
-                return 401, {"error": "token inválido"}
+                return self.refusal_status, {"error": "token inválido"}
             return 200, {"tests": copy.deepcopy(self._catalog)}
 
     def _record(self, key: str | None, status: int | None, body: Any, headers: Any,
@@ -764,8 +787,8 @@ class FakeBemsoft:
                 delay = arg  # timeout: process normally, answer late
 
             if not token_ok:
-                self._record(key, 401, payload, headers)
-                return _Result(401, {"error": "token inválido"}, delay=delay)
+                self._record(key, self.refusal_status, payload, headers)
+                return _Result(self.refusal_status, {"error": "token inválido"}, delay=delay)
             if key is None:
                 self._record(key, 400, payload, headers)
                 return _Result(400, {"error": "cabeçalho Idempotency-Key ausente"}, delay=delay)

@@ -19,12 +19,12 @@ API_HOST = "api.bemsoft.test"   # resolvable only by ForwardProxy (`.test` is re
 
 class HospitalCA:
     """A private CA (as a hospital's TLS-inspecting proxy has) and a server certificate for
-    API_HOST signed by it."""
+    `names` (API_HOST; 127.0.0.1 for the mail server of the alert tests) signed by it."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, names=(API_HOST,), filename="hospital-ca.pem"):
         self.ca = trustme.CA()
-        self.cert = self.ca.issue_cert(API_HOST)
-        self.ca_pem = directory / "hospital-ca.pem"
+        self.cert = self.ca.issue_cert(*names)
+        self.ca_pem = directory / filename
         self.ca.cert_pem.write_to_path(str(self.ca_pem))
 
     def server_context(self) -> ssl.SSLContext:

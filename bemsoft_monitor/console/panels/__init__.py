@@ -2,6 +2,7 @@
 (a `Panel` subclass, see `base`) and one line below."""
 from __future__ import annotations
 
+from .alerts import AlertsPanel
 from .base import Context, Panel
 from .chart import ChartPanel
 from .configuration import ConfigurationPanel
@@ -13,6 +14,7 @@ PANELS: tuple[Panel, ...] = (
     StatePanel(),
     ChartPanel(),
     FailedDirPanel(),
+    AlertsPanel(),
     RecentPanel(),
     ConfigurationPanel(),
 )

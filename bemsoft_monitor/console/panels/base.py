@@ -25,6 +25,7 @@ class Context:
     failures: FailureSummary
     query: Mapping[str, list[str]] = field(default_factory=dict)
     env_file: str | None = None
+    alerts: Any = None        # alerts.AlertsView, None when no channel is configured
 
     @property
     def tz(self):

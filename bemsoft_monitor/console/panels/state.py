@@ -5,7 +5,8 @@ import datetime as dt
 from dataclasses import dataclass
 from html import escape
 
-from ...status import API_DOWN, DB_DOWN, DRY_RUN, SENDING, STANDBY, STARTING, UP_TO_DATE, Snapshot, count_items
+from ...status import (API_DOWN, DB_DOWN, DRY_RUN, SENDING, STANDBY, STARTING, TOKEN_REFUSED,
+                       UP_TO_DATE, Snapshot, count_items)
 from ..words import ago, backlog_detail, checkpoint_text, millis, moment
 from .base import Context, Panel
 
@@ -16,6 +17,7 @@ STATES = {  # state -> (banner text, css class)
     API_DOWN: ("API indisponível — envio pausado", "bad"),
     DB_DOWN: ("Banco indisponível", "bad"),
     STANDBY: ("Em espera", "info"),
+    TOKEN_REFUSED: ("Token recusado pela API", "bad"),
     DRY_RUN: ("DRY_RUN", "warn"),
 }
 STATE_NOTES = {
@@ -25,6 +27,8 @@ STATE_NOTES = {
     API_DOWN: "nada é descartado: o envio retoma sozinho",
     DB_DOWN: "reconectando sozinho; nada é enviado nem perdido enquanto isso",
     STANDBY: "outro monitor com o mesmo MONITOR_NAME está ativo; este assume quando ele parar",
+    TOKEN_REFUSED: "confira BEMSOFT_TOKEN no .env; nada vai para FAILED_DIR: os pedidos esperam "
+                   "com a mesma chave e o envio retoma sozinho quando o token for aceito",
     DRY_RUN: "BEMSOFT_DRY_RUN=1: nada é enviado nem gravado",
 }
 
@@ -47,6 +51,8 @@ def banner(snap: Snapshot, tz) -> Banner:
     text, css = STATES.get(snap.state, (snap.state, "info"))
     if snap.state == API_DOWN and snap.paused_until:
         text += f" até {dt.datetime.fromtimestamp(snap.paused_until, tz):%H:%M:%S}"
+    elif snap.state == TOKEN_REFUSED and snap.paused_until:
+        text += f" — nova tentativa às {dt.datetime.fromtimestamp(snap.paused_until, tz):%H:%M:%S}"
     return Banner(text, css, f"desde {moment(snap.since, tz, snap.now)} ({ago(snap.now - snap.since)})",
                   STATE_NOTES.get(snap.state, ""))
 
