@@ -242,7 +242,10 @@ def _start_metrics(monitor, settings: Settings, board, env_file: str | None, ale
     from .console import Console
     from .metrics import start_metrics_server
 
-    console = Console(board, settings, env_file=env_file, alerts=alerter)
+    from .trace import Tracer
+
+    console = Console(board, settings, env_file=env_file, alerts=alerter,
+                      trace=Tracer(settings, monitor.source.engine))
     console.scan.warm()
     try:
         return start_metrics_server(monitor, settings.metrics_port, settings.health_max_age,

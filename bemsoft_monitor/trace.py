@@ -6,7 +6,7 @@ itself (is the item there, which lab, above or below the checkpoint, held by the
 `build_story` reads (short read-only queries, no lock, nothing written) and returns a
 `Story`, a plain value; `story_lines` says it in pt-BR for `--trace`, and the console's
 search panel draws the same value as HTML. A story carries codes, keys, statuses and
-reasons reduced to their group (`console.scan.reason_group`): never a patient's name, CPF
+reasons reduced to their group (`reasons.reason_group`): never a patient's name, CPF
 or birth date, and never the text the API echoed back.
 """
 from __future__ import annotations
@@ -22,10 +22,10 @@ from typing import Iterable, Sequence
 import sqlalchemy as sa
 
 from .config import Settings
-from .console.scan import SCAN_MAX_FILES, reason_group
 from .db import monitor_schema_map
 from .failures import CLAIM_MARK, FailureFileError, FailureStore
 from .payload import external_token
+from .reasons import reason_group
 from .schema import ItemStatus, item_sol, monitor_items, monitor_state, solicitacao
 from .source import is_outage, jsonable
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MAX_ITEMS = 500          # items of one solicitation shown (a solicitation has a handful)
 MAX_CODE = 64            # characters of a solicitation code accepted in a search
+MAX_FILES = 20000        # files looked at in FAILED_DIR and `sent` (by name; few are read)
 _ITEM_QUERY = re.compile(r"(?i)item\s*[:\-\s]\s*(\S*)")
 _SOL_QUERY = re.compile(r"(?i)sol(?:icita[cç][aã]o)?\s*[:\-\s]\s*(\S+)")
 _SAFE_NAME = re.compile(r"[^0-9A-Za-z_-]")
@@ -364,7 +365,7 @@ class Tracer:
                     if path.name.startswith(".tmp-"):
                         continue
                     seen += 1
-                    if seen > SCAN_MAX_FILES * 4:
+                    if seen > MAX_FILES:
                         return
                     yield path, where
 
