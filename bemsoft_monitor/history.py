@@ -175,3 +175,62 @@ class History:
         if deleted:
             log.debug("Histórico: %d linhas anteriores a %s removidas.", deleted, cutoff)
         return deleted
+
+
+class ReplayHistory:
+    """The rows retry_failed.py adds: REPLAYED / REPLAY_FAILED per item of each file it
+    sent, one short transaction per file. When the database is not reachable, or its tables
+    have no history yet, the replay goes on and `problem` says why nothing is written."""
+
+    def __init__(self, settings, engine: sa.Engine | None, problem: str | None = None):
+        self.history = History(settings)
+        self.engine = engine
+        self.problem = problem if self.history.enabled else None
+        self.written = 0
+
+    @classmethod
+    def open(cls, settings) -> "ReplayHistory":
+        from . import migrations
+        from .db import connect_check, create_db_engine, describe_connect_error, monitor_schema_map
+
+        history = History(settings)
+        if not history.enabled:
+            return cls(settings, None)
+        try:
+            engine = create_db_engine(settings)
+            engine = engine.execution_options(
+                schema_translate_map=monitor_schema_map(engine.dialect.name))
+            connect_check(engine, settings)
+            with engine.connect() as conn:
+                version = migrations.check(conn)
+        except migrations.SchemaTooNew as err:
+            return cls(settings, None, str(err))
+        except Exception as err:  # the replay itself does not need the database
+            text = describe_connect_error(err, settings) if isinstance(err, sa.exc.DBAPIError) else str(err)
+            return cls(settings, None, f"banco de dados indisponível ({text})")
+        if version is None or version < 2:
+            return cls(settings, None, "as tabelas do monitor ainda não têm o histórico "
+                                       "(inicie o monitor desta versão uma vez)")
+        return cls(settings, engine)
+
+    def add(self, record, delivery, key: str, file_name: str) -> None:
+        """One file sent: its items' rows (REPLAYED when the API took it, else REPLAY_FAILED)."""
+        if self.engine is None or delivery is None or record is None:
+            return
+        event = HistoryEvent.REPLAYED if delivery.ok else HistoryEvent.REPLAY_FAILED
+        rows = self.history.rows(
+            record.item_ids, record.cod, key, event, codes=exam_codes(record.event, record.item_ids),
+            http_status=delivery.status, latency_ms=round(delivery.duration * 1000),
+            reason=None if delivery.ok else delivery.reason, file_name=file_name)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(monitor_history.insert(), rows)
+            self.written += len(rows)
+        except sa.exc.DBAPIError as err:
+            log.warning("Histórico do reenvio de %s não gravado (%s).", file_name,
+                        str(err).splitlines()[0] if str(err) else type(err).__name__)
+            self.problem = self.problem or "o banco recusou ou caiu durante a gravação"
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.dispose()

@@ -73,3 +73,67 @@ def test_history_days_zero_keeps_none(harness):
     harness.monitor(HISTORY_DAYS="0").run("drain")
     assert events(harness.engine) == []
     assert harness.checkpoint() is not None
+
+
+def test_a_400_then_a_replay(harness, tmp_path):
+    from conftest import run
+    from bemsoft_monitor.testing.harness import write_env
+    ids = harness.order(500, ["GLI"])
+    harness.api.fail_next(1, status=400, body={"error": "campo inválido"})
+    harness.monitor().run("drain")
+    [failed] = history(harness.engine)[1:]
+    assert failed[:4] == (ids[0], E.FAILED, idempotency_key("500", ids), 400)
+    file_name = failed[5]
+    assert (tmp_path / "failed" / file_name).exists()
+    env = write_env(tmp_path, harness.url, harness.api.url)
+    done = run("retry_failed.py", "--env-file", str(env), "--send")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Histórico" not in done.stdout          # written: nothing to say
+    rows = history(harness.engine)
+    assert [(r[1], r[3], r[5]) for r in rows] == [
+        (E.SENDING, None, None), (E.FAILED, 400, file_name), (E.REPLAYED, 201, file_name)]
+    assert rows[2][2].startswith(idempotency_key("500", ids) + "-r")   # a refused key: a new one
+
+
+def test_replay_without_the_database_still_replays(legacy, env_file, tmp_path):
+    from conftest import run
+    ids = legacy.order(501, ["GLI"])
+    legacy.api.fail_next(1, status=400)
+    legacy.monitor().run("drain")
+    text = env_file.read_text().replace("DATABASE_URL=sqlite:///", "DATABASE_URL=sqlite:///nao/existe/")
+    env_file.write_text(text)
+    done = run("retry_failed.py", "--env-file", str(env_file), "--send")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[OK]" in done.stdout
+    assert "Histórico (_MonitorHistory) não gravado: banco de dados indisponível" in done.stdout
+    assert [e for _, e in events(legacy.engine)] == [E.SENDING, E.FAILED]
+    assert f"item-{ids[0]}" in legacy.api.stored_tests()
+
+
+def test_pruning_by_age_at_the_boundary(harness):
+    harness.order(600, ["GLI"])
+    monitor = harness.monitor(HISTORY_DAYS="30")
+    monitor.run("drain")
+    now = dt.datetime(2026, 12, 1, 12, 0, 0)
+    cutoff = now - dt.timedelta(days=30)
+    h = monitor_history
+    engine = monitor.source.engine
+    ages = [cutoff - dt.timedelta(seconds=1), cutoff, cutoff + dt.timedelta(seconds=1)]
+    with engine.begin() as conn:
+        conn.execute(h.delete())
+        conn.execute(h.insert(), [
+            {"Name": "bemsoft", "At": at, "CodSolicitacao": "1", "CodItemSol": n, "Event": E.DELIVERED}
+            for n, at in enumerate(ages * 3)]
+            + [{"Name": "outro", "At": ages[0], "CodSolicitacao": "1", "CodItemSol": 99,
+                "Event": E.DELIVERED}])
+    pruned = monitor.history.prune(engine, clock=0.0, batch=2, now=now)
+    assert pruned == 2                                   # a small batch, oldest first
+    assert monitor.history.prune(engine, clock=0.0, batch=2, now=now) == 1
+    assert monitor.history.prune(engine, clock=0.0, batch=2, now=now) == 0
+    with engine.connect() as conn:
+        left = sorted((r.Name, r.At) for r in conn.execute(sa.select(h.c.Name, h.c.At)))
+    # exactly 30 days old stays; another monitor's rows are not this one's to prune
+    assert left == sorted([("bemsoft", cutoff)] * 3 + [("bemsoft", ages[2])] * 3
+                          + [("outro", ages[0])])
+    # once it found nothing, the next prune waits a minute (it runs only when idle anyway)
+    assert monitor.history.prune(engine, clock=30.0, now=now + dt.timedelta(days=1)) == 0
