@@ -137,3 +137,85 @@ def test_pruning_by_age_at_the_boundary(harness):
                           + [("outro", ages[0])])
     # once it found nothing, the next prune waits a minute (it runs only when idle anyway)
     assert monitor.history.prune(engine, clock=30.0, now=now + dt.timedelta(days=1)) == 0
+
+
+def test_report_csv_for_a_day_and_a_month(harness, tmp_path):
+    import csv
+    from conftest import run
+    from bemsoft_monitor.testing.harness import write_env
+    item = lambda code, valor, terc: {"CodConvExames": code, "DescExames": code, "Origem": "AMB",
+                                      "Valor": valor, "VlTerceirizado": terc}
+    a = harness.order(11, [item("GLI", 12.5, 7), item("=HEMO", 30, 18.25)])  # not in the catalog
+    monitor = harness.monitor()
+    monitor.run("drain")
+    harness.api.fail_next(1, status=400)
+    b = harness.order(12, [item("TSH", 40, 22)])
+    monitor.run("drain")
+    h = monitor_history
+    engine = monitor.source.engine
+    # the rows, moved to the day of the report (UTC; TIMEZONE is America/Sao_Paulo, UTC-3)
+    with engine.begin() as conn:
+        for item_id, at in ((a[0], dt.datetime(2026, 11, 28, 3, 0, 0)),      # 00:00:00 local
+                            (a[1], dt.datetime(2026, 11, 28, 3, 0, 1)),
+                            (b[0], dt.datetime(2026, 11, 29, 2, 59, 59))):   # 23:59:59 local
+            conn.execute(h.update().where(h.c.CodItemSol == item_id).values(At=at))
+        conn.execute(h.insert(), [  # the day before and the day after, local: not in the day
+            {"Name": "bemsoft", "At": dt.datetime(2026, 11, 28, 2, 59, 59), "CodSolicitacao": "10",
+             "CodItemSol": 1, "Event": E.DELIVERED, "HttpStatus": 201},
+            {"Name": "bemsoft", "At": dt.datetime(2026, 11, 29, 3, 0, 0), "CodSolicitacao": "13",
+             "CodItemSol": 2, "Event": E.REPLAYED, "HttpStatus": 201}])
+    env = write_env(tmp_path, harness.url, harness.api.url)
+    out = tmp_path / "dia.csv"
+    done = run("monitor_bemsoft.py", "--env-file", str(env), "--report", "2026-11-28",
+               "--output", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "1 entregues, 2 falhas (2 solicitações)" in done.stderr
+    raw = out.read_bytes()
+    assert raw.startswith(b"\xef\xbb\xbf")
+    rows = list(csv.reader(io_text(raw), delimiter=";"))
+    key_a0, key_a1 = idempotency_key("11", a[:1]), idempotency_key("11", a[1:])
+    key_b = idempotency_key("12", b)
+    assert rows == [
+        ["Data e hora", "Solicitação", "Item", "Código do exame", "Chave", "HTTP", "Resultado",
+         "Valor", "VlTerceirizado"],
+        ["28/11/2026 00:00:00", "11", str(a[0]), "GLI", key_a0, "201", "entregue", "12,50", "7,00"],
+        ["28/11/2026 00:00:01", "11", str(a[1]), "'=HEMO", key_a1, "", "falhou", "30,00", "18,25"],
+        ["28/11/2026 23:59:59", "12", str(b[0]), "TSH", key_b, "400", "falhou", "40,00", "22,00"],
+        ["Totais", "2 solicitações", "3 linhas", "entregues: 1", "falhas: 2"],
+    ]
+    # the month, to stdout: the rows of the 27th (local) and the 29th too
+    month = run("monitor_bemsoft.py", "--env-file", str(env), "--report", "2026-11")
+    assert month.returncode == 0, month.stderr
+    rows = list(csv.reader(month.stdout.lstrip("\ufeff").splitlines(), delimiter=";"))
+    assert [r[1] for r in rows[1:-1]] == ["10", "11", "11", "12", "13"]
+    assert rows[-1] == ["Totais", "4 solicitações", "5 linhas", "entregues: 3", "falhas: 2"]
+    bad = run("monitor_bemsoft.py", "--env-file", str(env), "--report", "2026-13")
+    assert bad.returncode == 2 and "período inválido '2026-13'" in bad.stderr
+
+
+def io_text(raw: bytes):
+    import io
+    return io.StringIO(raw.decode("utf-8-sig"), newline="")
+
+
+def test_report_without_valor_columns_in_the_lis(tmp_path, settings_factory):
+    import csv
+    import io
+    from bemsoft_monitor.migrations import upgrade
+    from bemsoft_monitor.report import parse_period, write_report
+    url = f"sqlite:///{tmp_path / 'lis.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE ItemSol (CodItemSol INTEGER PRIMARY KEY, CodSolicitacao INT)")
+        conn.exec_driver_sql("INSERT INTO ItemSol VALUES (5, 9)")
+    upgrade(engine.execution_options(schema_translate_map=monitor_schema_map("sqlite")))
+    with engine.execution_options(schema_translate_map=monitor_schema_map("sqlite")).begin() as conn:
+        conn.execute(monitor_history.insert(), [{
+            "Name": "bemsoft", "At": dt.datetime(2026, 11, 28, 15), "CodSolicitacao": "9",
+            "CodItemSol": 5, "Event": E.DUPLICATE, "HttpStatus": 409, "IdemKey": "sol-9-x"}])
+    out = io.StringIO()
+    write_report(settings_factory(url), engine, parse_period("2026-11-28"), out)
+    assert list(csv.reader(io.StringIO(out.getvalue()), delimiter=";")) == [
+        ["Data e hora", "Solicitação", "Item", "Código do exame", "Chave", "HTTP", "Resultado"],
+        ["28/11/2026 12:00:00", "9", "5", "", "sol-9-x", "409", "entregue (já recebido, 409)"],
+        ["Totais", "1 solicitação", "1 linha", "entregues: 1", "falhas: 0"]]
