@@ -49,7 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="força BEMSOFT_DRY_RUN=1: só imprime os payloads, não grava nada")
     parser.add_argument("--stop-file", metavar="ARQUIVO",
                         help="sai com segurança quando este arquivo aparecer (usado pelos atalhos em scripts/)")
+    add_report_arguments(parser, mode)
     return parser
+
+
+def add_report_arguments(parser, mode) -> None:
+    """`--report PERIODO [--output ARQUIVO]` (bemsoft_monitor.report)."""
+    mode.add_argument("--report", metavar="PERIODO",
+                      help="relatório CSV (UTF-8 com BOM, separador ';') do que foi entregue e do "
+                           "que falhou num dia (AAAA-MM-DD) ou num mês (AAAA-MM), com uma linha "
+                           "final de totais; vai para a saída padrão ou para --output")
+    parser.add_argument("--output", metavar="ARQUIVO",
+                        help="com --report: grava o CSV neste arquivo")
 
 
 def without_separators(argv) -> list[str]:
@@ -73,6 +84,11 @@ def main(argv=None) -> int:
         return 2
     if args.dry_run:
         settings = settings.with_overrides(dry_run=True)
+    if args.output and not args.report:
+        build_parser().error("--output só vale com --report")
+    if args.report:
+        from .report import run_report
+        return run_report(settings, args.report, args.output)
 
     from .app import setup_output
     reading = args.check or args.status or args.test_alert or args.trace is not None
