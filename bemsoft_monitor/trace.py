@@ -26,7 +26,8 @@ from .db import monitor_schema_map
 from .failures import CLAIM_MARK, FailureFileError, FailureStore
 from .payload import external_token
 from .reasons import reason_group
-from .schema import ItemStatus, item_sol, monitor_items, monitor_state, solicitacao
+from .schema import (HistoryEvent, ItemStatus, item_sol, monitor_history, monitor_items,
+                     monitor_state, solicitacao)
 from .source import is_outage, jsonable
 
 log = logging.getLogger(__name__)
@@ -81,20 +82,10 @@ def parse_query(text: str) -> TraceQuery:
 
 
 # ------------------------------------------------------------------ the story as data
-class Event:
-    """What a step of the story says. The history's events keep the strings of
-    `schema.HistoryEvent`; the others come from the records and the folders."""
-    SENDING = "sending"
-    ATTEMPT = "attempt"
-    DELIVERED = "delivered"
-    DUPLICATE = "duplicate"
-    FAILED = "failed"
-    GAVE_UP = "gaveup"
-    NOFILE = "nofile"
-    DB_REFUSED = "dbrefused"
-    REPLAYED = "replayed"
-    REPLAY_FAILED = "replayfail"
-    FILE = "file"            # a failure file written (seen in the folder, not in the history)
+class Event(HistoryEvent):
+    """What a step of the story says: the history's events (`schema.HistoryEvent`), and a
+    failure file seen in the folders without a history row naming it."""
+    FILE = "file"
 
 
 @dataclass(frozen=True)
@@ -289,8 +280,8 @@ class Tracer:
         records = _Records()
         records.tables = (inspector.has_table(monitor_state.name, schema=schema)
                           and inspector.has_table(monitor_items.name, schema=schema))
-        history = _history_table()
-        records.history = history is not None and inspector.has_table(history.name, schema=schema)
+        history = monitor_history
+        records.history = inspector.has_table(history.name, schema=schema)
         if not records.tables:
             return records
         tokens = sorted({external_token(c) for c in cods})
@@ -392,12 +383,6 @@ def _lis_item(row) -> _LisItem:
                     None if row.NomeTerceirizado is None else str(row.NomeTerceirizado))
 
 
-def _history_table():
-    """`_MonitorHistory`, when this version of the schema has it."""
-    from . import schema
-    return getattr(schema, "monitor_history", None)
-
-
 def _parse_iso(text: str | None) -> dt.datetime | None:
     if not text:
         return None
@@ -486,6 +471,9 @@ def _compose(settings: Settings, query: TraceQuery, lis: list[_LisItem], lis_not
         if not records.history:
             notes.append("Sem histórico (_MonitorHistory) neste banco: a história vem dos registros "
                          "recentes (_MonitorItems) e dos arquivos de falha.")
+        elif settings.history_days <= 0:
+            notes.append("HISTORY_DAYS=0: o monitor não guarda histórico; a história vem dos "
+                         "registros recentes (_MonitorItems) e dos arquivos de falha.")
         if records.token_refused is not None and any(i.state == State.SENDING for i in items):
             status, since = records.token_refused
             notes.append(f"A API recusa o token (HTTP {status}) desde {_when(_utc(since), settings.tz)}: "
@@ -650,7 +638,7 @@ def _when(at: dt.datetime | None, tz) -> str:
 EVENT_TEXT = {
     Event.SENDING: "lido e enviado sob a chave {key}",
     Event.ATTEMPT: "tentativa sem resposta definitiva{answer}: repetida depois com a mesma chave {key}",
-    Event.DELIVERED: "entregue{answer} (chave {key})",
+    Event.DELIVERED: "entregue sob a chave {key}{answer}",
     Event.DUPLICATE: "a API já tinha a chave {key} (HTTP 409): contado como entregue",
     Event.FAILED: "recusado{answer}: arquivo de falha {file}",
     Event.GAVE_UP: "falhas repetidas só neste pedido{answer}: arquivo de falha {file}",

@@ -12,7 +12,7 @@ from bemsoft_monitor.cli import run_trace
 from bemsoft_monitor.payload import idempotency_key
 from bemsoft_monitor.replay_cli import main as retry_main
 from bemsoft_monitor.testing.harness import write_env
-from bemsoft_monitor.trace import QueryError, State, Tracer, parse_query
+from bemsoft_monitor.trace import Event, QueryError, State, Tracer, parse_query
 from conftest import run
 
 SECRET_NAME = "Benedita Sigilosa Prates"
@@ -77,8 +77,10 @@ def test_story_of_each_order(pipeline):
     story = Tracer(settings, pipeline["harness"].engine).story(parse_query("43335"))
     assert [i.item_id for i in story.items] == first + added
     assert {i.state for i in story.items} == {State.DELIVERED}
-    keys = [s.key for s in story.steps if s.event == "delivered"]
-    assert keys == [idempotency_key("43335", first), idempotency_key("43335", added)]
+    keys = [idempotency_key("43335", first), idempotency_key("43335", added)]
+    assert [(s.event, s.item_ids, s.key, s.http_status) for s in story.steps] == [
+        (Event.SENDING, tuple(first), keys[0], None), (Event.DELIVERED, tuple(first), keys[0], 201),
+        (Event.SENDING, tuple(added), keys[1], None), (Event.DELIVERED, tuple(added), keys[1], 201)]
     sent_keys = {r["key"] for r in api.requests if r["status"] == 201}
     assert set(keys) <= sent_keys
     for key in keys:
@@ -95,8 +97,14 @@ def test_story_of_each_order(pipeline):
     no_patient_data(text)
     assert "API rejeitou o pedido (HTTP 400, validação)" in text
     assert "reenviado (fora de FAILED_DIR)" in text
-    [item] = Tracer(settings, pipeline["harness"].engine).story(parse_query("43336")).items
+    story = Tracer(settings, pipeline["harness"].engine).story(parse_query("43336"))
+    [item] = story.items
     assert item.state == State.REPLAYED and item.item_id == pipeline["refused"][0]
+    [file] = story.files
+    assert [(s.event, s.http_status, s.file) for s in story.steps] == [
+        (Event.SENDING, None, None), (Event.FAILED, 400, file.name), (Event.REPLAYED, 201, file.name)]
+    replayed = [r for r in api.requests if r["status"] == 201 and r["body"]["batch"]["externalId"] == "sol-43336"]
+    assert story.steps[-1].key == replayed[0]["key"] == file.key != story.steps[0].key
 
     code, text = trace(settings, "43337")
     assert code == 1, text
@@ -153,6 +161,11 @@ def test_never_seen_items_say_why(harness):
                           "ordem de CodItemSol e o envia num dos próximos ciclos")
     monitor.step()                                  # the window finds 29; 25 and 21 stay unread
     assert {"item-29", "item-40"} <= set(harness.api.stored_tests())
+    # 29's record in _MonitorItems is already pruned (below the new floor): the history keeps it
+    assert harness.checkpoint() == 40
+    story = tracer.story(parse_query("item:29"))
+    assert story.found and story.items[0].state == State.DELIVERED
+    assert [s.event for s in story.steps] == [Event.SENDING, Event.DELIVERED]
     assert tracer.story(parse_query("6")).items[0].state == State.DELIVERED
     assert state("4")[0] == State.BEFORE_START        # the floor followed: 34 now
 
