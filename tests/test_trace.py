@@ -200,3 +200,16 @@ def test_trace_command_exit_codes(env_file, legacy, tmp_path):
     bad.write_text(env_file.read_text(encoding="utf-8") + "BATCH_SIZE=zero\n", encoding="utf-8")
     result = run("monitor_bemsoft.py", "--env-file", str(bad), "--trace", "7")
     assert result.returncode == 2 and "BATCH_SIZE" in result.stdout + result.stderr
+
+
+def test_readme_trace_commands_parse():
+    from bemsoft_monitor.cli import build_parser
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = [line.split()[2:] for line in readme.splitlines()
+                if line.startswith("python monitor_bemsoft.py") and "--trace" in line]
+    assert len(commands) >= 3
+    for argv in commands:
+        args = build_parser().parse_args(argv)
+        assert parse_query(args.trace).kind in ("sol", "item")
