@@ -219,3 +219,26 @@ def test_report_without_valor_columns_in_the_lis(tmp_path, settings_factory):
         ["Data e hora", "Solicitação", "Item", "Código do exame", "Chave", "HTTP", "Resultado"],
         ["28/11/2026 12:00:00", "9", "5", "", "sol-9-x", "409", "entregue (já recebido, 409)"],
         ["Totais", "1 solicitação", "1 linha", "entregues: 1", "falhas: 0"]]
+
+
+def test_readme_report_commands_work(legacy, env_file, tmp_path):
+    """The README's --report commands, run as written (with --env-file), write the CSVs."""
+    import shlex
+    import subprocess
+    import sys
+    from conftest import ROOT
+    from bemsoft_monitor.testing.harness import subprocess_env
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Histórico dos pedidos, relatório e atualização", 1)[1].split("\n## ", 1)[0]
+    commands = [line for line in section.splitlines() if line.startswith("python monitor_bemsoft.py --report")]
+    assert len(commands) == 2
+    legacy.order(1, ["GLI"])
+    legacy.monitor().run("drain")
+    for command in commands:
+        args = shlex.split(command)[1:]
+        args[0] = str(ROOT / args[0])
+        done = subprocess.run([sys.executable, *args, "--env-file", str(env_file)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60, env=subprocess_env())
+        assert done.returncode == 0, done.stderr
+        written = tmp_path / args[args.index("--output") + 1]
+        assert written.read_bytes().startswith("\ufeffData e hora;".encode())
