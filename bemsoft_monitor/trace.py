@@ -312,10 +312,11 @@ class Tracer:
     # ---------------------------------------------------------------- the folders
     def _failure_files(self, cods: set[str], item_ids: set[int], query: TraceQuery) -> list[FailureFileInfo]:
         """Failure files of these solicitations (by the code in their names, then by their
-        content) that hold one of the items asked for; in FAILED_DIR, being replayed, or
-        replayed (the `sent` folder, `*.sent`)."""
+        content; for an item, those that hold it) in FAILED_DIR, being replayed, or replayed
+        (the `sent` folder, `*.sent`)."""
+        # only files named after these codes are read (a search never reads the whole folder);
+        # an item without a solicitation is filed as `sem_cod`
         prefixes = {(_SAFE_NAME.sub("_", c)[:40] or "sem_cod") + "_" for c in cods} | {"sem_cod_"}
-        every = not cods  # an item the LIS and the records do not know: read every file
         tokens = {external_token(c) for c in cods}
         found = []
         for path, where in self._candidates():
@@ -323,7 +324,7 @@ class Tracer:
             plain = name.split(CLAIM_MARK)[0]
             if plain.endswith(".sent"):
                 plain = plain[:-5]
-            if not every and not any(plain[_name_cut(plain):].startswith(p) for p in prefixes):
+            if not any(plain[_name_cut(plain):].startswith(p) for p in prefixes):
                 continue
             try:
                 record = FailureStore.load(path)

@@ -170,6 +170,21 @@ def test_never_seen_items_say_why(harness):
     assert state("4")[0] == State.BEFORE_START        # the floor followed: 34 now
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_send_without_an_answer_is_waiting_for_the_api(harness):
+    ids = harness.order(43339, ["GLI"])
+    harness.api.fail_next(10, status=503)
+    monitor = harness.monitor()
+    monitor.step()
+    code, text = trace(monitor.settings, "43339")
+    assert code == 0, text
+    story = Tracer(monitor.settings, harness.engine).story(parse_query("43339"))
+    [view] = story.items
+    key = idempotency_key("43339", ids)
+    assert view.state == State.SENDING and f"enviado sob a chave {key}" in view.text
+    assert f"item {ids[0]}: aguardando a resposta da API" in text.split("Pendente:")[1]
+
+
 @pytest.mark.parametrize("text", ["", "item:", "item:abc", "item:12x", "x" * 65, "43\x1b335"])
 def test_a_search_that_names_nothing_is_refused(text):
     with pytest.raises(QueryError):
