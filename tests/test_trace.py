@@ -13,7 +13,7 @@ from bemsoft_monitor.payload import idempotency_key
 from bemsoft_monitor.replay_cli import main as retry_main
 from bemsoft_monitor.testing.harness import write_env
 from bemsoft_monitor.trace import Event, QueryError, State, Tracer, parse_query
-from conftest import run
+from conftest import POSTGRESQL, run
 
 SECRET_NAME = "Benedita Sigilosa Prates"
 PATIENT_DATA = (SECRET_NAME, "Benedita", "123.456.789-09", "12345678909", "1980-01-02")
@@ -183,6 +183,36 @@ def test_a_send_without_an_answer_is_waiting_for_the_api(harness):
     key = idempotency_key("43339", ids)
     assert view.state == State.SENDING and f"enviado sob a chave {key}" in view.text
     assert f"item {ids[0]}: aguardando a resposta da API" in text.split("Pendente:")[1]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", POSTGRESQL], indirect=True)
+def test_a_lis_with_text_codes(db_url, api, settings_factory):
+    """codsolicitacao as VARCHAR: the number typed is compared as text when the column will
+    not take a number (PostgreSQL refuses `varchar = bigint`), and a code with letters works."""
+    import sqlalchemy as sa
+    from bemsoft_monitor.schema import legacy_metadata
+    from bemsoft_monitor.testing.sampledata import create_legacy_schema
+    from conftest import Harness
+
+    engine = sa.create_engine(db_url)
+    legacy_metadata.drop_all(engine)
+    create_legacy_schema(engine, text_codes=True)
+    engine.dispose()
+    h = Harness(db_url, api, settings_factory)
+    try:
+        numeric = h.order("43335", ["GLI"], patient={"codpaciente": "P0"})
+        lettered = h.order("AB-7/2", ["TSH"], patient={"codpaciente": "P1"})
+        h.monitor().step()
+        settings = settings_factory(db_url)
+        for text, ids in (("43335", numeric), ("AB-7/2", lettered)):
+            code, out = trace(settings, text)
+            assert code == 0, out
+            story = Tracer(settings, h.engine).story(parse_query(text))
+            assert [(i.item_id, i.state) for i in story.items] == [(ids[0], State.DELIVERED)]
+        code, out = trace(settings, "99")
+        assert code == 1 and "O LIS não tem itens (ItemSol) com CodSolicitacao = 99." in out
+    finally:
+        h.close()
 
 
 @pytest.mark.parametrize("text", ["", "item:", "item:abc", "item:12x", "x" * 65, "43\x1b335"])
