@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -38,7 +39,6 @@ MAX_FILES = 20000        # files looked at in FAILED_DIR and `sent` (by name; fe
 _ITEM_QUERY = re.compile(r"(?i)item\s*[:\-\s]\s*(\S*)")
 _SOL_QUERY = re.compile(r"(?i)sol(?:icita[cç][aã]o)?\s*[:\-\s]\s*(\S+)")
 _SAFE_NAME = re.compile(r"[^0-9A-Za-z_-]")
-_FILE_TIME = re.compile(r"^\d{8}T\d{6}Z_")
 
 
 class QueryError(ValueError):
@@ -305,8 +305,10 @@ class Tracer:
                 h = history.c
                 which = (h.CodItemSol == query.item_id if query.kind == "item"
                          else h.CodSolicitacao.in_(tokens))
-                records.history_rows = [dict(r._mapping) for r in conn.execute(
-                    sa.select(history).where(h.Name == name, which).order_by(h.At, h.Id))]
+                # ordered here, not by the database: with ORDER BY At a planner may walk the
+                # (Name, At) index over the whole history instead of seeking (Name, CodItemSol)
+                rows = [dict(r._mapping) for r in conn.execute(sa.select(history).where(h.Name == name, which))]
+                records.history_rows = sorted(rows, key=lambda r: (r["At"], r["Id"]))
         return records
 
     # ---------------------------------------------------------------- the folders
@@ -316,15 +318,12 @@ class Tracer:
         (the `sent` folder, `*.sent`)."""
         # only files named after these codes are read (a search never reads the whole folder);
         # an item without a solicitation is filed as `sem_cod`
-        prefixes = {(_SAFE_NAME.sub("_", c)[:40] or "sem_cod") + "_" for c in cods} | {"sem_cod_"}
+        names = {_SAFE_NAME.sub("_", c)[:40] or "sem_cod" for c in cods} | {"sem_cod"}
+        wanted = re.compile(r"(?:\d{8}T\d{6}Z_)?(?:" + "|".join(map(re.escape, sorted(names))) + ")_")
         tokens = {external_token(c) for c in cods}
         found = []
-        for path, where in self._candidates():
-            name = path.name
-            plain = name.split(CLAIM_MARK)[0]
-            if plain.endswith(".sent"):
-                plain = plain[:-5]
-            if not any(plain[_name_cut(plain):].startswith(p) for p in prefixes):
+        for path, plain, where in self._candidates():
+            if not wanted.match(plain):
                 continue
             try:
                 record = FailureStore.load(path)
@@ -338,33 +337,36 @@ class Tracer:
             found.append(FailureFileInfo(plain, where, _parse_iso(record.created_at), record.cod,
                                          tuple(record.item_ids), record.key, record.http_status,
                                          reason_group(record.reason)))
-        return sorted(found, key=lambda f: (f.created_at or dt.datetime.max.replace(tzinfo=dt.timezone.utc), f.name))
+        never = dt.datetime.max.replace(tzinfo=dt.timezone.utc)
+        return sorted(found, key=lambda f: (f.created_at or never, f.name))
 
-    def _candidates(self) -> Iterable[tuple[Path, str]]:
+    def _candidates(self) -> Iterable[tuple[str, str, str]]:
+        """(path, name as first written, Where) of every failure file in the folders, by
+        name only (nothing read here)."""
         seen = 0
-        for directory, patterns in ((self.failed_dir, (("*.json", Where.WAITING),
-                                                       (f"*.json{CLAIM_MARK}*", Where.CLAIMED),
-                                                       ("*.json.sent", Where.REPLAYED))),
-                                    (self.sent_dir, (("*.json", Where.REPLAYED),))):
-            if not directory.is_dir():
+        for directory, sent in ((self.failed_dir, False), (self.sent_dir, True)):
+            try:
+                entries = list(os.scandir(directory))
+            except OSError:
                 continue
-            for pattern, where in patterns:
-                try:
-                    paths = sorted(directory.glob(pattern))
-                except OSError:
+            for entry in entries:
+                name = entry.name
+                if name.startswith(".tmp-"):
                     continue
-                for path in paths:
-                    if path.name.startswith(".tmp-"):
-                        continue
-                    seen += 1
-                    if seen > MAX_FILES:
-                        return
-                    yield path, where
-
-
-def _name_cut(name: str) -> int:
-    """Where the code starts in a failure file name (`<time>Z_<cod>_<key>.json`)."""
-    return len(_FILE_TIME.match(name).group()) if _FILE_TIME.match(name) else 0
+                if sent:
+                    where, plain = Where.REPLAYED, name
+                elif CLAIM_MARK in name:
+                    where, plain = Where.CLAIMED, name.split(CLAIM_MARK)[0]
+                elif name.endswith(".json.sent"):
+                    where, plain = Where.REPLAYED, name[:-5]
+                else:
+                    where, plain = Where.WAITING, name
+                if not plain.endswith(".json"):
+                    continue
+                seen += 1
+                if seen > MAX_FILES:
+                    return
+                yield entry.path, plain, where
 
 
 def _code_forms(value: str) -> list:

@@ -87,8 +87,8 @@ class SearchPanel(Panel):
             return form + ("<p>A história de uma solicitação (ou de um item, com item:CodItemSol): "
                            "cada envio com a chave e a resposta, falhas, reenvios e o que está "
                            "pendente. O mesmo que python monitor_bemsoft.py --trace.</p>")
-        found = (tag("registrada pelo monitor", "ok") if story.found
-                 else tag("sem registro do monitor", "warn"))
+        found = (tag(("registrada" if story.query.kind == "sol" else "registrado") + " pelo monitor", "ok")
+                 if story.found else tag("sem registro do monitor", "warn"))
         parts = [form, f'<p class="story-head"><b>{e(story.query.label)}</b> {found}</p>']
         parts += [f"<p>{e(line)}</p>" for line in story.lis + story.notes]
         if story.items:
