@@ -219,16 +219,64 @@ class Tracer:
         files = self._failure_files(cods, ids, query)
         return _compose(self.settings, query, lis, lis_notes, records, files, now)
 
+    # ---------------------------------------------------------------- statements
+    def lis_items_statement(self, query: TraceQuery, code=None):
+        """ItemSol rows of an item, or of a solicitation (`code`: one of `_code_forms`), of
+        any lab; no patient column."""
+        cols = (item_sol.c.CodItemSol, item_sol.c.CodSolicitacao, item_sol.c.DataEntrada,
+                item_sol.c.CodConvExames, item_sol.c.NomeTerceirizado)
+        if query.kind == "item":
+            return sa.select(*cols).where(item_sol.c.CodItemSol == query.item_id)
+        return (sa.select(*cols).where(item_sol.c.CodSolicitacao == code)
+                .order_by(item_sol.c.CodItemSol).limit(MAX_ITEMS))
+
+    @staticmethod
+    def solicitation_statement(code):
+        return (sa.select(solicitacao.c.codsolicitacao)
+                .where(solicitacao.c.codsolicitacao == code).limit(1))
+
+    def state_statement(self):
+        name = self.settings.monitor_name
+        st = monitor_state.c
+        return (sa.select(st.Name, st.LastItemId, st.UpdatedAt)
+                .where(st.Name.in_([name, f"{name}#inicio", f"{name}#token-recusado"])))
+
+    def records_statement(self, query: TraceQuery, tokens: Sequence[str], lis_ids: Sequence[int]):
+        m = monitor_items.c
+        if query.kind == "item":
+            which = m.CodItemSol == query.item_id
+        else:
+            which = sa.or_(m.CodSolicitacao.in_(list(tokens)), m.CodItemSol.in_(list(lis_ids)[:MAX_ITEMS]))
+        return (sa.select(m.CodItemSol, m.CodSolicitacao, m.Status, m.IdemKey, m.UpdatedAt,
+                          m.Reason, m.HttpStatus)
+                .where(m.Name == self.settings.monitor_name, which).order_by(m.CodItemSol))
+
+    def history_statement(self, query: TraceQuery, tokens: Sequence[str]):
+        """Unordered on purpose: with ORDER BY At a planner may walk the (Name, At) index over
+        the whole history instead of seeking (Name, CodSolicitacao); the few rows of one
+        solicitation are ordered in Python."""
+        h = monitor_history.c
+        which = h.CodItemSol == query.item_id if query.kind == "item" else h.CodSolicitacao.in_(list(tokens))
+        return sa.select(monitor_history).where(h.Name == self.settings.monitor_name, which)
+
+    def statements(self) -> dict:
+        """Every statement a story runs, for checking the SQL each dialect compiles."""
+        sol, item = TraceQuery("sol", "43335"), TraceQuery("item", "52009")
+        return {"lis_items": self.lis_items_statement(sol, _code_forms("43335")[0]),
+                "lis_item": self.lis_items_statement(item),
+                "solicitation": self.solicitation_statement(_code_forms("43335")[0]),
+                "state": self.state_statement(),
+                "records": self.records_statement(sol, ["43335"], [52009, 52010]),
+                "record": self.records_statement(item, [], []),
+                "history": self.history_statement(sol, ["43335"]),
+                "history_item": self.history_statement(item, [])}
+
     # ---------------------------------------------------------------- the LIS
     def _read_lis(self, query: TraceQuery) -> tuple[list[_LisItem], list[str]]:
         """The ItemSol rows asked for, whatever their lab (no patient column is read), and
         whether the solicitation row exists."""
-        cols = (item_sol.c.CodItemSol, item_sol.c.CodSolicitacao, item_sol.c.DataEntrada,
-                item_sol.c.CodConvExames, item_sol.c.NomeTerceirizado)
         if query.kind == "item":
-            statement = sa.select(*cols).where(item_sol.c.CodItemSol == query.item_id)
-            rows = self._lis_rows(statement)
-            items = [_lis_item(r) for r in rows]
+            items = [_lis_item(r) for r in self._lis_rows(self.lis_items_statement(query)) or []]
             notes = []
             if items and items[0].cod:
                 notes.append(f"O item pertence à solicitação {items[0].cod}.")
@@ -236,17 +284,14 @@ class Tracer:
                 notes.append("O item não tem CodSolicitacao no LIS.")
             return items, notes
         rows = None
-        for value in _code_forms(query.value):
-            statement = (sa.select(*cols).where(item_sol.c.CodSolicitacao == value)
-                         .order_by(item_sol.c.CodItemSol).limit(MAX_ITEMS))
-            rows = self._lis_rows(statement)
+        for code in _code_forms(query.value):
+            rows = self._lis_rows(self.lis_items_statement(query, code))
             if rows:
                 break
         items = [_lis_item(r) for r in rows or []]
         exists = None
-        for value in _code_forms(query.value):
-            found = self._lis_rows(sa.select(solicitacao.c.codsolicitacao)
-                                   .where(solicitacao.c.codsolicitacao == value).limit(1))
+        for code in _code_forms(query.value):
+            found = self._lis_rows(self.solicitation_statement(code))
             if found:
                 exists = True
                 break
@@ -280,34 +325,19 @@ class Tracer:
         records = _Records()
         records.tables = (inspector.has_table(monitor_state.name, schema=schema)
                           and inspector.has_table(monitor_items.name, schema=schema))
-        history = monitor_history
-        records.history = inspector.has_table(history.name, schema=schema)
+        records.history = inspector.has_table(monitor_history.name, schema=schema)
         if not records.tables:
             return records
         tokens = sorted({external_token(c) for c in cods})
         with self.engine.connect() as conn:
-            state = {row[0]: (int(row[1]), row[2]) for row in conn.execute(
-                sa.select(monitor_state.c.Name, monitor_state.c.LastItemId, monitor_state.c.UpdatedAt)
-                .where(monitor_state.c.Name.in_([name, f"{name}#inicio", f"{name}#token-recusado"])))}
+            state = {row[0]: (int(row[1]), row[2]) for row in conn.execute(self.state_statement())}
             records.checkpoint = state[name][0] if name in state else None
             records.floor = state[f"{name}#inicio"][0] if f"{name}#inicio" in state else None
             records.token_refused = state.get(f"{name}#token-recusado")
-            m = monitor_items.c
-            if query.kind == "item":
-                which = m.CodItemSol == query.item_id
-            else:
-                which = sa.or_(m.CodSolicitacao.in_(tokens), m.CodItemSol.in_(list(lis_ids)[:MAX_ITEMS]))
-            for row in conn.execute(sa.select(m.CodItemSol, m.CodSolicitacao, m.Status, m.IdemKey,
-                                              m.UpdatedAt, m.Reason, m.HttpStatus)
-                                    .where(m.Name == name, which).order_by(m.CodItemSol)):
+            for row in conn.execute(self.records_statement(query, tokens, lis_ids)):
                 records.items[int(row.CodItemSol)] = dict(row._mapping)
             if records.history:
-                h = history.c
-                which = (h.CodItemSol == query.item_id if query.kind == "item"
-                         else h.CodSolicitacao.in_(tokens))
-                # ordered here, not by the database: with ORDER BY At a planner may walk the
-                # (Name, At) index over the whole history instead of seeking (Name, CodItemSol)
-                rows = [dict(r._mapping) for r in conn.execute(sa.select(history).where(h.Name == name, which))]
+                rows = [dict(r._mapping) for r in conn.execute(self.history_statement(query, tokens))]
                 records.history_rows = sorted(rows, key=lambda r: (r["At"], r["Id"]))
         return records
 

@@ -258,3 +258,28 @@ def test_readme_trace_commands_parse():
     for argv in commands:
         args = build_parser().parse_args(argv)
         assert parse_query(args.trace).kind in ("sol", "item")
+
+
+def test_trace_statements_in_t_sql(tmp_path):
+    """The story's statements as SQL Server receives them: TOP instead of LIMIT, the
+    monitor's tables in dbo, the history sought by (Name, CodSolicitacao) / (Name,
+    CodItemSol) without an ORDER BY that could make a planner walk the (Name, At) index."""
+    import sqlalchemy as sa
+    from bemsoft_monitor.config import parse_settings
+    from test_sqlserver_sql import tsql
+
+    settings = parse_settings({"DATABASE_URL": "sqlite://", "TERCEIROS": "LAB", "START_FROM": "0",
+                               "FAILED_DIR": str(tmp_path / "f"), "BEMSOFT_DRY_RUN": "1"}, base_dir=tmp_path)
+    sql = {name: tsql(s) for name, s in Tracer(settings, sa.create_engine("sqlite://")).statements().items()}
+    assert sql["lis_items"].startswith("SELECT TOP 500 [ItemSol].[CodItemSol]")
+    assert "WHERE [ItemSol].[CodSolicitacao] = :cod ORDER BY [ItemSol].[CodItemSol]" in sql["lis_items"]
+    assert "paciente" not in " ".join(sql.values()) and "LIMIT" not in " ".join(sql.values())
+    assert sql["solicitation"] == ("SELECT TOP 1 solicitacao.codsolicitacao FROM solicitacao "
+                                   "WHERE solicitacao.codsolicitacao = :cod")
+    assert "FROM dbo.[_MonitorState]" in sql["state"]
+    assert ("WHERE dbo.[_MonitorItems].[Name] = :Name_1 AND (dbo.[_MonitorItems].[CodSolicitacao] "
+            "IN (:CodSolicitacao_1_1) OR dbo.[_MonitorItems].[CodItemSol] IN (:CodItemSol_1_1, "
+            ":CodItemSol_1_2))") in sql["records"]
+    assert sql["history"].endswith("FROM dbo.[_MonitorHistory] WHERE dbo.[_MonitorHistory].[Name] = "
+                                   ":Name_1 AND dbo.[_MonitorHistory].[CodSolicitacao] IN (:CodSolicitacao_1_1)")
+    assert sql["history_item"].endswith("dbo.[_MonitorHistory].[CodItemSol] = :CodItemSol_1")
