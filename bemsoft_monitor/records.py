@@ -152,6 +152,16 @@ class Records:
                 reason=f"{DB_REFUSED_REASON} ({short_error(err)})", key=job.key, cod=job.cod,
                 item_ids=list(job.item_ids), event=job.event)
 
+    def flush_history(self) -> None:
+        """At exit: the ATTEMPT rows still queued (no write came after them), best effort."""
+        queued = self.history.take()
+        if not queued:
+            return
+        try:
+            self.source.record([], None, history=queued)
+        except sa.exc.DBAPIError as err:
+            log.debug("Tentativas não gravadas no histórico (%s).", short_error(err))
+
     def write(self, write: Write, ledger: Ledger) -> None:
         """Outcomes and checkpoint in one transaction. When the database refuses it for its
         data (not an outage), the outcomes are written one by one (writing one twice is
