@@ -7,8 +7,8 @@ import logging
 
 import sqlalchemy as sa
 
-from .failures import FailureRecord, FailureStore
 from . import migrations
+from .failures import FailureRecord, FailureStore
 from .history import History
 from .ledger import Ledger, Write
 from .outcomes import count_items, short_error
