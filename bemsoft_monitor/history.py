@@ -28,12 +28,16 @@ def utcnow() -> dt.datetime:
 
 def exam_codes(event: dict | None, item_ids: Sequence[int]) -> tuple:
     """The CodConvExames of each item (aligned with `item_ids`), as the event holds them."""
-    codes = {}
-    for item in (event or {}).get("items") or ():
-        try:
-            codes[int(item["CodItemSol"])] = item.get("CodConvExames")
-        except (KeyError, TypeError, ValueError, AttributeError):
-            continue
+    items = (event or {}).get("items") or ()
+    try:
+        codes = {int(item["CodItemSol"]): item.get("CodConvExames") for item in items}
+    except (KeyError, TypeError, ValueError, AttributeError):  # an odd stored event
+        codes = {}
+        for item in items:
+            try:
+                codes[int(item["CodItemSol"])] = item.get("CodConvExames")
+            except (KeyError, TypeError, ValueError, AttributeError):
+                continue
     return tuple(codes.get(int(i)) for i in item_ids)
 
 
@@ -81,12 +85,20 @@ class History:
              at: dt.datetime | None = None) -> list[dict]:
         if not self.enabled or not item_ids:
             return []
-        at = at or utcnow()
-        reason = None if reason is None else redact(reason, self.settings, one_line=True)[:1000]
-        common = {"Name": self.name, "At": at, "CodSolicitacao": external_token(cod),
-                  "Event": event, "IdemKey": None if key is None else key[:100],
-                  "HttpStatus": http_status, "LatencyMs": latency_ms, "Reason": reason,
-                  "FileName": None if file_name is None else file_name[:255]}
+        # only the columns that have a value: fewer parameters per row (the rows of one call
+        # share their columns, so they go in one executemany; see LegacySource._history)
+        common = {"Name": self.name, "At": at or utcnow(), "CodSolicitacao": external_token(cod),
+                  "Event": event}
+        if key is not None:
+            common["IdemKey"] = key[:100]
+        if http_status is not None:
+            common["HttpStatus"] = http_status
+        if latency_ms is not None:
+            common["LatencyMs"] = latency_ms
+        if reason is not None:
+            common["Reason"] = redact(reason, self.settings, one_line=True)[:1000]
+        if file_name is not None:
+            common["FileName"] = file_name[:255]
         codes = tuple(codes) or (None,) * len(item_ids)
         return [dict(common, CodItemSol=int(item_id), ExamCode=self._code(code))
                 for item_id, code in zip(item_ids, codes)]

@@ -282,4 +282,5 @@ class Monitor:
             except Exception as err:
                 log.error("Não foi possível registrar os últimos resultados (%s); serão "
                           "reenviados com a mesma chave na próxima execução.", short_error(err))
+        self.records.flush_history()
         return 0

@@ -7,8 +7,8 @@ import logging
 
 import sqlalchemy as sa
 
-from .failures import FailureRecord, FailureStore
 from . import migrations
+from .failures import FailureRecord, FailureStore
 from .history import History
 from .ledger import Ledger, Write
 from .outcomes import count_items, short_error
@@ -151,6 +151,16 @@ class Records:
             job.failure = FailureRecord(
                 reason=f"{DB_REFUSED_REASON} ({short_error(err)})", key=job.key, cod=job.cod,
                 item_ids=list(job.item_ids), event=job.event)
+
+    def flush_history(self) -> None:
+        """At exit: the ATTEMPT rows still queued (no write came after them), best effort."""
+        queued = self.history.take()
+        if not queued:
+            return
+        try:
+            self.source.record([], None, history=queued)
+        except sa.exc.DBAPIError as err:
+            log.debug("Tentativas não gravadas no histórico (%s).", short_error(err))
 
     def write(self, write: Write, ledger: Ledger) -> None:
         """Outcomes and checkpoint in one transaction. When the database refuses it for its

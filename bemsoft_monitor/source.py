@@ -223,9 +223,20 @@ class LegacySource:
 
     @staticmethod
     def _history(conn, rows: Sequence[dict]) -> None:
-        """The history rows of a transaction: one executemany, whatever their number."""
-        if rows:
+        """The history rows of a transaction: one executemany, whatever their number (one
+        per set of columns: a row holds only the columns it has a value for, and the rows
+        of one transaction nearly always share them)."""
+        if not rows:
+            return
+        first = tuple(rows[0])
+        if all(len(r) == len(first) and tuple(r) == first for r in rows):
             conn.execute(monitor_history.insert(), list(rows))
+            return
+        groups: dict[tuple, list] = {}
+        for row in rows:
+            groups.setdefault(tuple(row), []).append(row)
+        for group in groups.values():
+            conn.execute(monitor_history.insert(), group)
 
     def mark_unwritten(self, item_ids: Sequence[int], reason: str, http_status: int | None,
                        history: Sequence[dict] = ()) -> None:

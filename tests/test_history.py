@@ -242,3 +242,35 @@ def test_readme_report_commands_work(legacy, env_file, tmp_path):
         assert done.returncode == 0, done.stderr
         written = tmp_path / args[args.index("--output") + 1]
         assert written.read_bytes().startswith("\ufeffData e hora;".encode())
+
+
+def test_history_statements_as_sql_server_compiles_them(settings_factory, tmp_path):
+    """SQL Server: the prune is a TOP batch in a derived table, the report's queries stay
+    within the parameter limit (CHUNK ids), the history lives in dbo."""
+    from test_sqlserver_sql import tsql
+    from bemsoft_monitor.report import CHUNK, history_statement, money_statement
+    history = History(settings_factory(f"sqlite:///{tmp_path / 'x.db'}"))
+    prune = tsql(history.prune_statement(dt.datetime(2025, 1, 1), 1000))
+    assert prune == (
+        "DELETE FROM dbo.[_MonitorHistory] WHERE dbo.[_MonitorHistory].[Id] IN (SELECT anon_1.[Id] "
+        "FROM (SELECT TOP 1000 dbo.[_MonitorHistory].[Id] AS [Id] FROM dbo.[_MonitorHistory] WHERE "
+        "dbo.[_MonitorHistory].[Name] = :Name_1 AND dbo.[_MonitorHistory].[At] < :At_1 ORDER BY "
+        "dbo.[_MonitorHistory].[Id]) AS anon_1)")
+    report = tsql(history_statement("bemsoft", dt.datetime(2026, 11, 28), dt.datetime(2026, 11, 29)))
+    assert report.startswith("SELECT dbo.[_MonitorHistory].[At], ")
+    assert report.endswith("ORDER BY dbo.[_MonitorHistory].[At], dbo.[_MonitorHistory].[Id]")
+    money = tsql(money_statement(["Valor", "VlTerceirizado"], range(CHUNK)))
+    assert money.startswith('SELECT [ItemSol].[CodItemSol], [ItemSol].[Valor], [ItemSol].[VlTerceirizado] FROM [ItemSol]')
+    assert money.count(":CodItemSol_1_") == CHUNK < 2100
+
+
+def test_a_refused_token_is_an_attempt_written_at_exit(harness):
+    ids = harness.order(15, ["GLI"])
+    monitor = harness.monitor()
+    monitor.step()                       # the catalog is loaded with the right token
+    harness.order(16, ["TSH"])
+    harness.api.token = "revogado"
+    monitor.run("once")
+    rows = [(r[0], r[1], r[3]) for r in history(harness.engine)]
+    assert rows[:2] == [(ids[0], E.SENDING, None), (ids[0], E.DELIVERED, 201)]
+    assert [(e, s) for _, e, s in rows[2:]] == [(E.SENDING, None), (E.ATTEMPT, 401)]
