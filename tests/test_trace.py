@@ -14,6 +14,7 @@ from bemsoft_monitor.replay_cli import main as retry_main
 from bemsoft_monitor.testing.harness import write_env
 from bemsoft_monitor.trace import Event, QueryError, State, Tracer, parse_query
 from conftest import POSTGRESQL, run
+from test_api_behaviour import fast_clocks
 
 SECRET_NAME = "Benedita Sigilosa Prates"
 PATIENT_DATA = (SECRET_NAME, "Benedita", "123.456.789-09", "12345678909", "1980-01-02")
@@ -174,7 +175,7 @@ def test_never_seen_items_say_why(harness):
 def test_a_send_without_an_answer_is_waiting_for_the_api(harness):
     ids = harness.order(43339, ["GLI"])
     harness.api.fail_next(10, status=503)
-    monitor = harness.monitor()
+    monitor = fast_clocks(harness, harness.monitor())
     monitor.step()
     code, text = trace(monitor.settings, "43339")
     assert code == 0, text
@@ -183,6 +184,16 @@ def test_a_send_without_an_answer_is_waiting_for_the_api(harness):
     key = idempotency_key("43339", ids)
     assert view.state == State.SENDING and f"enviado sob a chave {key}" in view.text
     assert f"item {ids[0]}: aguardando a resposta da API" in text.split("Pendente:")[1]
+    harness.api.clear_faults()
+    monitor.skip_pause()                 # the pause after the failed cycle is over
+    monitor.step()
+    story = Tracer(monitor.settings, harness.engine).story(parse_query("43339"))
+    assert story.items[0].state == State.DELIVERED
+    steps = [(s.event, s.key, s.http_status) for s in story.steps]
+    assert steps[0] == (Event.SENDING, key, None) and steps[-1] == (Event.DELIVERED, key, 201)
+    assert (Event.ATTEMPT, key, 503) in steps   # the attempt without an answer, same key
+    code, text = trace(monitor.settings, "43339")
+    assert "tentativa sem resposta definitiva (HTTP 503" in text and "Nada pendente" in text
 
 
 @pytest.mark.parametrize("db_url", ["sqlite", POSTGRESQL], indirect=True)
