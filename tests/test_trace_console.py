@@ -128,3 +128,15 @@ def test_search_without_a_database_or_with_a_bad_search_says_so(tmp_path, harnes
     html = console.render("busca=" + quote("item:x<b>"))
     form = html.split('<h2 id="busca">')[1].split("</form>")[0]
     assert 'value="item:x&lt;b&gt;"' in form and "<b>" not in form
+
+
+def test_a_search_while_the_database_is_unreachable_costs_the_search_only(tmp_path):
+    import sqlalchemy as sa
+    from test_console import settings_for
+
+    settings = settings_for(tmp_path)
+    gone = sa.create_engine(f"sqlite:///{tmp_path / 'nao-existe' / 'legado.db'}")
+    console = Console(StatusBoard(tz=settings.tz), settings, trace=Tracer(settings, gone))
+    page = console.page("busca=43335")
+    assert page["busca"].error.startswith("não foi possível consultar o banco agora (")
+    assert page["estado"].banner.text and "não foi possível consultar o banco agora" in console.render("busca=43335")
