@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--test-alert", action="store_true",
                       help="envia uma mensagem de teste por canal de alerta configurado (e-mail, "
                            "webhook, heartbeat); código 0 se todos enviaram, 1 se algum falhou")
+    mode.add_argument("--trace", metavar="NÚMERO",
+                      help="a história de uma solicitação (--trace 43335) ou de um item "
+                           "(--trace item:52009): quando foi lida, cada envio com a chave e a "
+                           "resposta, arquivo de falha e reenvio, o que está pendente e por quê; "
+                           "código 0 se o monitor a registrou, 1 se nunca a registrou (e diz por quê)")
     mode.add_argument("--demo", action="store_true",
                       help="demonstração completa sem SQL Server, sem token e sem rede "
                            "(SQLite + API falsa local)")
@@ -44,7 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="força BEMSOFT_DRY_RUN=1: só imprime os payloads, não grava nada")
     parser.add_argument("--stop-file", metavar="ARQUIVO",
                         help="sai com segurança quando este arquivo aparecer (usado pelos atalhos em scripts/)")
+    add_report_arguments(parser, mode)
     return parser
+
+
+def add_report_arguments(parser, mode) -> None:
+    """`--report PERIODO [--output ARQUIVO]` (bemsoft_monitor.report)."""
+    mode.add_argument("--report", metavar="PERIODO",
+                      help="relatório CSV (UTF-8 com BOM, separador ';') do que foi entregue e do "
+                           "que falhou num dia (AAAA-MM-DD) ou num mês (AAAA-MM), com uma linha "
+                           "final de totais; vai para a saída padrão ou para --output")
+    parser.add_argument("--output", metavar="ARQUIVO",
+                        help="com --report: grava o CSV neste arquivo")
 
 
 def without_separators(argv) -> list[str]:
@@ -68,10 +84,17 @@ def main(argv=None) -> int:
         return 2
     if args.dry_run:
         settings = settings.with_overrides(dry_run=True)
+    if args.output and not args.report:
+        build_parser().error("--output só vale com --report")
+    if args.report:
+        from .report import run_report
+        return run_report(settings, args.report, args.output)
 
     from .app import setup_output
-    reading = args.check or args.status or args.test_alert
+    reading = args.check or args.status or args.test_alert or args.trace is not None
     setup_output(settings, writes_files=not reading)
+    if args.trace is not None:
+        return run_trace(settings, args.trace)
     if args.test_alert:
         return run_test_alert(settings)
     if args.check:
@@ -101,6 +124,44 @@ def run_test_alert(settings: Settings, out=None) -> int:
         else:
             print(f"[ERRO] {name} {target}: {error}", file=out, flush=True)
     return 0 if all(error is None for _, _, error in results) else 1
+
+
+def run_trace(settings: Settings, text: str, out=None) -> int:
+    """`--trace`: an order's story in pt-BR. 0: the monitor has a record of it; 1: it never
+    took it up (the story says why); 2: the search names nothing; 3: the database is down."""
+    from sqlalchemy.exc import DBAPIError
+
+    from .db import DatabaseUnavailable, connect_check, create_db_engine, describe_connect_error
+    from .redaction import RedactedStream
+    from .trace import QueryError, Tracer, parse_query, story_lines
+
+    out = RedactedStream(out or sys.stdout, settings)
+    try:
+        query = parse_query(text)
+    except QueryError as err:
+        print(f"[ERRO] --trace {text!r}: {err}", file=out, flush=True)
+        return 2
+    engine = None
+    try:
+        engine = create_db_engine(settings)
+        connect_check(engine, settings)
+        story = Tracer(settings, engine).story(query)
+    except ConfigError as err:
+        print(f"[ERRO] {err}", file=out, flush=True)
+        return 2
+    except DatabaseUnavailable as err:
+        print(f"[ERRO] {err}", file=out, flush=True)
+        return 3
+    except DBAPIError as err:
+        print(f"[ERRO] Banco de dados: {describe_connect_error(err, settings)}", file=out, flush=True)
+        return 3
+    finally:
+        if engine is not None:
+            engine.dispose()
+    for line in story_lines(story, settings.tz):
+        print(line, file=out)
+    out.flush()
+    return 0 if story.found else 1
 
 
 def run_monitor(settings: Settings, mode: str, stop_file: str | None = None,
@@ -197,7 +258,10 @@ def _start_metrics(monitor, settings: Settings, board, env_file: str | None, ale
     from .console import Console
     from .metrics import start_metrics_server
 
-    console = Console(board, settings, env_file=env_file, alerts=alerter)
+    from .trace import Tracer
+
+    console = Console(board, settings, env_file=env_file, alerts=alerter,
+                      trace=Tracer(settings, monitor.source.engine))
     console.scan.warm()
     try:
         return start_metrics_server(monitor, settings.metrics_port, settings.health_max_age,

@@ -202,6 +202,11 @@ class Settings:
         "FAILED_DIR", _path_default("completo/failed_events"), FilePath(),
         "pasta onde cada falha vira um arquivo JSON (legível só pelo dono: tem dados de "
         "pacientes)", group="reading", default_text="completo/failed_events")
+    history_days: int = setting(
+        "HISTORY_DAYS", 400, Number(0, 36500, integer=True, unit="dias"),
+        "por quantos dias o histórico de cada pedido fica em `_MonitorHistory` (para "
+        "`--trace`, `--report` e a busca do painel); `0` = não guarda histórico",
+        group="reading")
     # ------------------------------------------------------------ Bemsoft API
     base_url: str = setting(
         "BEMSOFT_BASE_URL", "https://bemsoft.ws.wiselab.com.br",

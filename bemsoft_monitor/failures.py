@@ -135,6 +135,12 @@ class FailureStore:
             return []
         return sorted(p for p in self.directory.glob("*.json") if not p.name.startswith(".tmp-"))
 
+    def key_file(self, key: str) -> Path | None:
+        """The failure file written under `key`, if any (the newest)."""
+        safe_key = re.sub(r"[^0-9A-Za-z_-]", "_", key)[-24:]
+        found = [p for p in self.files() if p.name.endswith(f"_{safe_key}.json")]
+        return found[-1] if found else None
+
     def has_key(self, key: str) -> bool:
         """A failure file for this Idempotency-Key already exists (written before a crash)."""
         safe_key = re.sub(r"[^0-9A-Za-z_-]", "_", key)[-24:]

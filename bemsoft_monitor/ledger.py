@@ -84,8 +84,10 @@ class Ledger:
     def dispatched(self, item_ids) -> None:
         self.inflight.update(item_ids)
 
-    def settled(self, item_ids, cod: str, key: str, outcome: str | None) -> None:
-        """A job came back: with an outcome to record, or without one (not sent: it waits)."""
+    def settled(self, item_ids, cod: str, key: str, outcome: str | None,
+                detail: dict | None = None) -> None:
+        """A job came back: with an outcome to record, or without one (not sent: it waits).
+        `detail`: the rest of the Outcome (what its history rows say)."""
         self.inflight.difference_update(item_ids)
         if outcome is None:
             self.waiting.update(item_ids)
@@ -93,7 +95,7 @@ class Ledger:
         elif self.dry_run:
             self.dry_done.update(item_ids)
         else:
-            self.unrecorded.append(Outcome(list(item_ids), cod, key, outcome))
+            self.unrecorded.append(Outcome(list(item_ids), cod, key, outcome, **(detail or {})))
 
     @property
     def open_items(self) -> int:

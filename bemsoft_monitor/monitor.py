@@ -20,6 +20,7 @@ from .client import BemsoftClient, Verdict
 from .config import Settings
 from .db import describe_query_timeout, is_query_timeout
 from .failures import FailureStore
+from .history import History, outcome_fields
 from .ledger import Ledger
 from .lock import LockWatch
 from .metrics import LatencyHistogram
@@ -59,9 +60,10 @@ class Monitor:
         self.last_cycle_at: float | None = None  # time.time() of the last completed cycle
         self.ledger: Ledger | None = None        # made by start()
         self.planner = Planner(settings, catalog, failures)
-        self.records = Records(settings, source, failures)
+        self.history = History(settings)
+        self.records = Records(settings, source, failures, self.history)
         self.outcomes = Outcomes(settings, source, failures, self.status, self.latency,
-                                 lambda: self.clock())
+                                 lambda: self.clock(), self.history)
         self.sender = Sender(client, failures, settings.concurrency, shutdown=self.shutdown,
                              dry_run=self.dry_run, on_dry_run=on_dry_run or (lambda payload, key: None),
                              failure_of=self.outcomes.failure_of)
@@ -156,7 +158,12 @@ class Monitor:
     def _harvest(self, result: CycleResult, wait: str) -> None:
         for job in self.sender.harvest(wait):
             self.outcomes.settled(job, result)
-            self.ledger.settled(job.item_ids, job.cod, job.key, job.outcome)
+            if job.outcome is None:
+                self.history.attempt(job)  # answered without settling it: written next time
+                self.ledger.settled(job.item_ids, job.cod, job.key, None)
+            else:
+                self.ledger.settled(job.item_ids, job.cod, job.key, job.outcome,
+                                    None if self.dry_run else outcome_fields(job))
 
     def _advance(self) -> None:
         """Outcomes and checkpoint are written in one short transaction; if it fails, both
@@ -263,6 +270,8 @@ class Monitor:
             idle = not result.ready and not result.held and self.gate.remaining() <= 0
             if mode == "once" or (mode == "drain" and idle):
                 break
+            # idle, nothing in flight: a small batch of old history goes now, never during a send
+            self.history.prune(self.source.engine, self.clock())
             wait = self.gate.remaining() or self.settings.poll_seconds
             if result.held:
                 wait = min(wait, max(0.2, self.settings.debounce_seconds / 4))
@@ -273,4 +282,5 @@ class Monitor:
             except Exception as err:
                 log.error("Não foi possível registrar os últimos resultados (%s); serão "
                           "reenviados com a mesma chave na próxima execução.", short_error(err))
+        self.records.flush_history()
         return 0

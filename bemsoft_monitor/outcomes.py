@@ -14,8 +14,9 @@ import sqlalchemy as sa
 from .client import Verdict
 from .db import first_line as short_error
 from .failures import FailureRecord, FailureStore, FailureWriteError
+from .history import History
 from .planner import Job
-from .schema import ItemStatus
+from .schema import HistoryEvent, ItemStatus
 from .source import LegacySource
 from .status import StatusBoard, count_items
 
@@ -47,8 +48,10 @@ class Stats:
 
 class Outcomes:
     def __init__(self, settings, source: LegacySource, failures: FailureStore,
-                 status: StatusBoard, latency, clock: Callable[[], float]):
+                 status: StatusBoard, latency, clock: Callable[[], float],
+                 history: History | None = None):
         self.settings = settings
+        self.history = history or History(settings)
         self.source = source
         self.failures = failures
         self.status = status
@@ -159,6 +162,7 @@ class Outcomes:
                 self.status.disk_error("FAILED_DIR", None)
         self._forget(job.key)
         job.outcome = ItemStatus.FAILED
+        job.failure_path = path
         self.stats.failed += 1
         self.stats.failed_items += len(job.item_ids)
         self.stats.reasons[record.reason.split(":")[0][:80]] += 1
@@ -180,8 +184,12 @@ class Outcomes:
             # refused for good: after a restart the file is written instead of POSTing the key
             # again (a 409 would count it delivered). A give-up after transient answers is
             # not marked: re-sending it under the same key is what it needs.
+            delivery = job.delivery
+            history = self.history.job_rows(
+                job, HistoryEvent.NOFILE, http_status=record.http_status, reason=record.reason,
+                latency_ms=round(delivery.duration * 1000) if delivery is not None else None)
             try:
-                self.source.mark_unwritten(job.item_ids, record.reason, record.http_status)
+                self.source.mark_unwritten(job.item_ids, record.reason, record.http_status, history)
             except sa.exc.DBAPIError as db_err:
                 log.warning("Não foi possível registrar a falha no banco (%s).", short_error(db_err))
         self._unwritten[job.key] = record

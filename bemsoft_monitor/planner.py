@@ -81,6 +81,7 @@ class Job:
     delivery: Delivery | None = None
     outcome: str | None = None           # ItemStatus.DELIVERED / FAILED once settled
     failure_path: object = None          # the failure file, once written
+    db_refused: bool = False             # the database refused its "sending" record
 
 
 def group_rows(rows: list[ItemRow]) -> list[Group]:
@@ -165,6 +166,7 @@ class Planner:
         if group.pending_key and self.failures.has_key(group.pending_key):
             job = Job(cod, group.pending_key, ids, event, recovered=True)
             job.outcome = ItemStatus.FAILED  # its failure file was written before a crash
+            job.failure_path = self.failures.key_file(group.pending_key)
             return [job]
         if group.unwritten is not None:  # refused by the API before a restart: never re-POST
             row = group.unwritten

@@ -4,6 +4,7 @@ in a code), so whatever leaves the machine in a message — an alert, a digest �
 category, never the reason's text."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -71,3 +72,20 @@ def categorize(reason: str) -> Category:
         if words in text:
             return category
     return OTHER
+
+
+_ITEM_PREFIX = re.compile(r"^item [^:]{1,40}: ")
+_PATIENT_ID = re.compile(r"\bpaciente\s+(?:(?:pat|cpf)-)?[0-9][0-9.\-]*\s*")
+_LONG_NUMBER = re.compile(r"\d[\d.\-/]{3,}\d")
+
+
+def reason_group(reason: str) -> str:
+    """A failure reason reduced to what groups it and shows no patient data: the first item's
+    reason, up to the first ': ' (what follows may echo the API's answer), without the patient
+    identifier (it can be a CPF) and with long numbers (CPF, dates) masked."""
+    text = " ".join(str(reason).split())
+    text = _ITEM_PREFIX.sub("", text).split("; item ", 1)[0]
+    text = text.split(": ", 1)[0]
+    text = _PATIENT_ID.sub("paciente ", text)
+    text = _LONG_NUMBER.sub("…", text)
+    return (text[:117] + "…") if len(text) > 120 else (text or "sem motivo registrado")

@@ -7,7 +7,9 @@ import logging
 
 import sqlalchemy as sa
 
+from . import migrations
 from .failures import FailureRecord, FailureStore
+from .history import History
 from .ledger import Ledger, Write
 from .outcomes import count_items, short_error
 from .planner import Job
@@ -27,17 +29,25 @@ class StartError(Exception):
 
 
 class Records:
-    def __init__(self, settings, source: LegacySource, failures: FailureStore):
+    def __init__(self, settings, source: LegacySource, failures: FailureStore,
+                 history: History | None = None):
         self.settings = settings
         self.source = source
         self.failures = failures
         self.dry_run = settings.dry_run
+        self.history = history or History(settings)
 
     def load(self) -> Ledger:
         """Create the monitor's tables (not in DRY_RUN) and load or initialise the checkpoint."""
         source = self.source
-        if not self.dry_run:
-            source.ensure_state_tables()
+        try:
+            if not self.dry_run:
+                migrations.upgrade(source.engine)
+            else:  # DRY_RUN writes nothing, but never reads tables newer than it knows either
+                with source.engine.connect() as conn:
+                    migrations.check(conn)
+        except migrations.SchemaTooNew as err:
+            raise StartError(str(err)) from None
         has_state = not self.dry_run or source.state_tables_exist()
         checkpoint = source.read_checkpoint() if has_state else None
         if checkpoint is None:
@@ -88,10 +98,14 @@ class Records:
         """Record "sending" for the page's new jobs in one statement. When the database
         refuses it for its data (not an outage), the jobs are written one by one and only
         those it still refuses become failures; the others go on."""
+        history = self.history
+        queued = history.take()
         try:
-            self.source.mark_sending((j.item_ids, j.cod, j.key) for j in jobs)
+            self.source.mark_sending([(j.item_ids, j.cod, j.key) for j in jobs],
+                                     queued + history.sending(jobs))
             return
         except sa.exc.DBAPIError as err:
+            history.give_back(queued)
             if is_outage(err):
                 raise
             items = count_items(sum(len(j.item_ids) for j in jobs))
@@ -99,18 +113,38 @@ class Records:
                         "solicitação por solicitação.", items, short_error(err))
         for job in jobs:
             try:
-                self.source.mark_sending([(job.item_ids, job.cod, job.key)])
+                self._with_history(self.source.mark_sending, [(job.item_ids, job.cod, job.key)],
+                                   history=history.sending([job]))
             except sa.exc.DBAPIError as err:
                 if is_outage(err):
                     raise
+                job.db_refused = True
                 self._refused_by_db(job, err, ledger)
+
+    def _with_history(self, write, *args, history: list[dict], **kwargs) -> None:
+        """One write with its history rows; if the database refuses it for its data, once
+        more without them (the history must never cost a record): said in the log."""
+        if not history:
+            write(*args, **kwargs)
+            return
+        try:
+            write(*args, history=history, **kwargs)
+        except sa.exc.DBAPIError as err:
+            if is_outage(err):
+                raise
+            write(*args, **kwargs)
+            log.warning("O banco recusou %d linha(s) do histórico em _MonitorHistory (%s); o "
+                        "registro em _MonitorItems foi gravado sem elas.", len(history),
+                        short_error(err))
 
     def _refused_by_db(self, job: Job, err: Exception, ledger: Ledger) -> None:
         """The database refused the monitor's own record of this job: it is not sent, it
         goes to FAILED_DIR, and this process does not take its items up again."""
         ledger.off_db.update(job.item_ids)
-        if self.failures.has_key(job.key):  # the same refusal, already filed (e.g. before a restart)
+        filed = self.failures.key_file(job.key)
+        if filed is not None:  # the same refusal, already filed (e.g. before a restart)
             job.outcome = ItemStatus.FAILED
+            job.failure_path = filed
             return
         if job.failure is None:
             job.payload = None
@@ -118,23 +152,37 @@ class Records:
                 reason=f"{DB_REFUSED_REASON} ({short_error(err)})", key=job.key, cod=job.cod,
                 item_ids=list(job.item_ids), event=job.event)
 
+    def flush_history(self) -> None:
+        """At exit: the ATTEMPT rows still queued (no write came after them), best effort."""
+        queued = self.history.take()
+        if not queued:
+            return
+        try:
+            self.source.record([], None, history=queued)
+        except sa.exc.DBAPIError as err:
+            log.debug("Tentativas não gravadas no histórico (%s).", short_error(err))
+
     def write(self, write: Write, ledger: Ledger) -> None:
         """Outcomes and checkpoint in one transaction. When the database refuses it for its
         data (not an outage), the outcomes are written one by one (writing one twice is
         harmless) and those it still refuses are logged and kept in memory, so that the
         others and the checkpoint go on."""
+        history = self.history
+        queued = history.take()
         try:
             self.source.record(write.outcomes, write.checkpoint, prune_below=write.floor,
-                               floor=write.floor)
+                               floor=write.floor, history=queued + history.outcome_rows(write.outcomes))
             return
         except sa.exc.DBAPIError as err:
-            if is_outage(err) or not write.outcomes:
+            history.give_back(queued)
+            if is_outage(err) or not (write.outcomes or queued):
                 raise
             log.warning("O banco recusou a gravação dos resultados (%s); gravando solicitação "
                         "por solicitação.", short_error(err))
         for outcome in write.outcomes:
             try:
-                self.source.record([outcome], None)
+                self._with_history(self.source.record, [outcome], None,
+                                   history=history.outcome_rows([outcome]))
             except sa.exc.DBAPIError as err:
                 if is_outage(err):
                     raise
@@ -144,4 +192,10 @@ class Records:
                           "nessa tabela. Este processo não a reenvia; após reiniciar, um reenvio "
                           "usa a mesma chave %s e não duplica nada.",
                           outcome.cod, outcome.status, short_error(err), outcome.key)
-        self.source.record([], write.checkpoint, prune_below=write.floor, floor=write.floor)
+        queued = history.take()
+        try:
+            self._with_history(self.source.record, [], write.checkpoint, prune_below=write.floor,
+                               floor=write.floor, history=queued)
+        except sa.exc.DBAPIError:
+            history.give_back(queued)
+            raise

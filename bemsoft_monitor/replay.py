@@ -41,6 +41,7 @@ class ReplayResult:
     key: str = ""
     payload: dict | None = None
     delivery: Delivery | None = None
+    record: FailureRecord | None = None   # the file's record, once it was sent (for the history)
 
 
 def prepare(record: FailureRecord, settings: Settings, catalog) -> tuple[dict, list[int], str]:
@@ -119,12 +120,14 @@ def replay_file(path: Path, settings: Settings, client: BemsoftClient | None, ca
                                 key=key)
         if delivery.outcome == Verdict.TOKEN_REFUSED:  # not this file's problem: left as it is
             return ReplayResult(path, ReplayStatus.TOKEN_REFUSED, delivery.reason, key, payload, delivery)
+        record.item_ids = item_ids
         if delivery.ok:
             target = _move_delivered(claimed, move_ok, path.name)
             claimed = None
-            return ReplayResult(path, ReplayStatus.OK, f"{delivery.reason} -> {target}", key, payload, delivery)
+            return ReplayResult(path, ReplayStatus.OK, f"{delivery.reason} -> {target}", key, payload,
+                                delivery, record)
         _update_record(claimed, record, delivery, key)
-        return ReplayResult(path, ReplayStatus.FAILED, delivery.reason, key, payload, delivery)
+        return ReplayResult(path, ReplayStatus.FAILED, delivery.reason, key, payload, delivery, record)
     finally:
         if send and claimed is not None and claimed.exists():
             release(claimed)

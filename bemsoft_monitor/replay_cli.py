@@ -71,11 +71,15 @@ def main(argv=None, out=None) -> int:
         watch_stop_file(args.stop_file, shutdown)
     client = BemsoftClient(settings, PauseGate(shutdown)) if settings.token else None
     catalog = make_catalog(settings, client)
+    history = None
+    if args.send:  # what it sends goes into the order history, when the database is reachable
+        from .history import ReplayHistory
+        history = ReplayHistory.open(settings)
     try:
         while True:
             try:
                 code = replay_once(args, settings, client, catalog, directory, move_ok, out,
-                                   shutdown)
+                                   shutdown, history)
             except Exception as err:  # --watch goes on: the next round may work
                 if not args.watch:
                     raise
@@ -87,6 +91,8 @@ def main(argv=None, out=None) -> int:
     finally:
         if client:
             client.close()
+        if history is not None:
+            history.close()
 
 
 def show(text: str, out, settings, *, lines: bool = False) -> None:
@@ -100,7 +106,7 @@ def show(text: str, out, settings, *, lines: bool = False) -> None:
 
 
 def replay_once(args, settings, client, catalog, directory: Path, move_ok: Path, out,
-                shutdown: threading.Event | None = None) -> int:
+                shutdown: threading.Event | None = None, history=None) -> int:
     """One round over the failure files; a stop asked meanwhile (Ctrl+C, SIGTERM, the stop
     file) ends it after the file being sent, the others stay for the next round."""
     from .failures import FailureStore, release_stale_claims
@@ -143,6 +149,8 @@ def replay_once(args, settings, client, catalog, directory: Path, move_ok: Path,
             paths = paths[:done + 1]
             break
         counts[result.status] += 1
+        if history is not None:
+            history.add(result.record, result.delivery, result.key, path.name)
         label = {OK: "[OK]", WOULD_SEND: "[DRY-RUN]", FAILED: "[ERRO]", SKIPPED: "[PULADO]"}[result.status]
         show(f"{label} {path.name}: {result.message}", out, settings)
         if result.payload is not None and (args.verbose or not args.send):
@@ -152,4 +160,7 @@ def replay_once(args, settings, client, catalog, directory: Path, move_ok: Path,
                  f"{result.delivery.shown_body(settings)}", out, settings)
     show(f"Resumo: {len(paths)} arquivo(s); enviados {counts[OK]}, com erro {counts[FAILED]}, "
          f"a enviar (dry-run) {counts[WOULD_SEND]}, pulados {counts[SKIPPED]}.", out, settings)
+    if history is not None and history.problem and (counts[OK] or counts[FAILED]):
+        show(f"Histórico (_MonitorHistory) não gravado: {history.problem}. Os reenvios acima "
+             "valem do mesmo jeito.", out, settings)
     return 1 if counts[FAILED] else 0

@@ -100,8 +100,43 @@ monitor_items = sa.Table(
     sa.Column("HttpStatus", sa.Integer, nullable=True),
 )
 
+# One row per item per event: what happened to an ItemSol, when, under which key and with
+# which answer. Kept by age (HISTORY_DAYS), not by the look-back window. No patient data.
+monitor_history = sa.Table(
+    "_MonitorHistory", monitor_metadata,
+    sa.Column("Id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("Name", sa.String(100), nullable=False),        # MONITOR_NAME
+    sa.Column("At", sa.DateTime, nullable=False),             # UTC, naive
+    sa.Column("CodSolicitacao", sa.String(64), nullable=False),
+    sa.Column("CodItemSol", sa.BigInteger, nullable=False),
+    sa.Column("ExamCode", sa.Unicode(100), nullable=True),    # CodConvExames as sent (redacted, control chars escaped)
+    sa.Column("Event", sa.String(16), nullable=False),        # HistoryEvent below
+    sa.Column("IdemKey", sa.String(100), nullable=True),
+    sa.Column("HttpStatus", sa.Integer, nullable=True),
+    sa.Column("LatencyMs", sa.Integer, nullable=True),
+    sa.Column("Reason", sa.Unicode(1000), nullable=True),     # after redaction
+    sa.Column("FileName", sa.Unicode(255), nullable=True),    # failure file name (no folder)
+    sa.Index("IX_MonitorHistory_Sol", "Name", "CodSolicitacao"),
+    sa.Index("IX_MonitorHistory_Item", "Name", "CodItemSol"),
+    sa.Index("IX_MonitorHistory_At", "Name", "At"),
+)
 
 
 class ItemStatus:
     """The Status of an item in _MonitorItems (stored strings: never change them)."""
     SENDING, DELIVERED, FAILED, NOFILE = "sending", "delivered", "failed", "nofile"
+
+
+class HistoryEvent:
+    """The Event of a row in _MonitorHistory (stored strings: never change them)."""
+    SENDING = "sending"          # read and taken up under IdemKey (written with "sending" in _MonitorItems)
+    ATTEMPT = "attempt"          # an answer that did not settle it (transient, token refused, no answer): sent again later under the same key
+    DELIVERED = "delivered"      # 2xx
+    DUPLICATE = "duplicate"      # 409: the API had it already; counted delivered
+    FAILED = "failed"            # refused for good; FileName = the failure file
+    GAVE_UP = "gaveup"           # kept failing while others went through; FileName = the failure file
+    NOFILE = "nofile"            # refused for good, the failure file could not be written yet
+    DB_REFUSED = "dbrefused"     # the database refused the monitor's own record; to FAILED_DIR
+    REPLAYED = "replayed"        # delivered by retry_failed.py (IdemKey = key used)
+    REPLAY_FAILED = "replayfail" # retry_failed.py sent it and the API refused again

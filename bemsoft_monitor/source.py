@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from .db import first_line, monitor_schema_map
 from .payload import external_token
-from .schema import (ItemStatus, item_sol, monitor_items, monitor_metadata,
+from .schema import (ItemStatus, item_sol, monitor_history, monitor_items, monitor_metadata,
                      monitor_state, paciente, solicitacao)
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,14 @@ class Outcome:
     cod: str
     key: str
     status: str  # ItemStatus.DELIVERED or ItemStatus.FAILED
+    # what its _MonitorHistory rows say (history.outcome_fields); event None: no row
+    event: str | None = None            # a schema.HistoryEvent
+    http_status: int | None = None
+    latency_ms: int | None = None
+    reason: str | None = None
+    file_name: str | None = None
+    exam_codes: Sequence = ()           # CodConvExames, aligned with item_ids
+    at: dt.datetime | None = None       # when it was settled (UTC)
 
 
 @dataclass
@@ -199,17 +207,39 @@ class LegacySource:
         return page
 
     # ----------------------------------------------------------------- recording
-    def mark_sending(self, groups: Iterable[tuple[Sequence[int], str, str]]) -> None:
-        """Record "sending" (with its key) for items that have no record yet, before the POST."""
+    def mark_sending(self, groups: Iterable[tuple[Sequence[int], str, str]],
+                     history: Sequence[dict] = ()) -> None:
+        """Record "sending" (with its key) for items that have no record yet, before the POST,
+        with their `history` rows (_MonitorHistory), in one transaction."""
         now = _utcnow()
         rows = [{"Name": self.name, "CodItemSol": item_id, "CodSolicitacao": external_token(cod),
                  "Status": ItemStatus.SENDING, "IdemKey": key, "UpdatedAt": now}
                 for item_ids, cod, key in groups for item_id in item_ids]
-        if rows:
+        if rows or history:
             with self.engine.begin() as conn:
-                conn.execute(monitor_items.insert(), rows)
+                if rows:
+                    conn.execute(monitor_items.insert(), rows)
+                self._history(conn, history)
 
-    def mark_unwritten(self, item_ids: Sequence[int], reason: str, http_status: int | None) -> None:
+    @staticmethod
+    def _history(conn, rows: Sequence[dict]) -> None:
+        """The history rows of a transaction: one executemany, whatever their number (one
+        per set of columns: a row holds only the columns it has a value for, and the rows
+        of one transaction nearly always share them)."""
+        if not rows:
+            return
+        first = tuple(rows[0])
+        if all(len(r) == len(first) and tuple(r) == first for r in rows):
+            conn.execute(monitor_history.insert(), list(rows))
+            return
+        groups: dict[tuple, list] = {}
+        for row in rows:
+            groups.setdefault(tuple(row), []).append(row)
+        for group in groups.values():
+            conn.execute(monitor_history.insert(), group)
+
+    def mark_unwritten(self, item_ids: Sequence[int], reason: str, http_status: int | None,
+                       history: Sequence[dict] = ()) -> None:
         """The API's permanent answer, kept until its failure file can be written."""
         with self.engine.begin() as conn:
             conn.execute(monitor_items.update()
@@ -217,13 +247,16 @@ class LegacySource:
                                 monitor_items.c.CodItemSol.in_(list(item_ids)))
                          .values(Status=ItemStatus.NOFILE, Reason=reason[:1000], HttpStatus=http_status,
                                  UpdatedAt=_utcnow()))
+            self._history(conn, history)
 
     def record(self, outcomes: Sequence[Outcome], checkpoint: int | None,
-               prune_below: int | None = None, floor: int | None = None) -> None:
-        """Record outcomes, move the checkpoint (and the look-back floor) and prune old
-        records, in one short transaction."""
+               prune_below: int | None = None, floor: int | None = None,
+               history: Sequence[dict] = ()) -> None:
+        """Record outcomes (with their `history` rows), move the checkpoint (and the
+        look-back floor) and prune old records, in one short transaction."""
         now = _utcnow()
         with self.engine.begin() as conn:
+            self._history(conn, history)
             by_status: dict[str, list[int]] = {}
             for o in outcomes:
                 by_status.setdefault(o.status, []).extend(o.item_ids)
@@ -258,6 +291,7 @@ class LegacySource:
             "duplicates": DuplicateWarnings.statement("paciente", "codpaciente", [1, 2]),
             "page_dry_run": self.page_statement(0, 500, with_state=False),
             "mark_sending": monitor_items.insert(),
+            "history": monitor_history.insert(),
             "outcome": self.outcome_statement([1, 2], ItemStatus.DELIVERED, now),
             "prune": self.prune_statement(1),
             "checkpoint_update": checkpoint_update_statement(self.name, 1, now),

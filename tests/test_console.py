@@ -283,7 +283,13 @@ def test_markup_in_the_data_renders_as_text(tmp_path):
     assert page.elements == Parsed(injected_page(tmp_path / "inofensivo", harmless=True)[0]).elements
     tags = {tag for tag, _ in page.elements}
     attributes = {name for _, names in page.elements for name in names}
-    assert not tags & {"script", "img", "textarea", "a", "iframe", "form", "input"}
+    assert not tags & {"script", "img", "textarea", "a", "iframe"}
+    # the one form is the search's (a plain GET to /), with its own field only
+    assert [e for e in page.elements if e[0] in ("form", "input", "button")] == [
+        ("form", ("action", "class", "method")),
+        ("input", ("maxlength", "name", "placeholder", "type", "value")),
+        ("input", ("autocomplete", "name", "type")),        # STATUS_TOKEN, typed by the user
+        ("button", ("type",))]
     assert not [name for name in attributes if name.startswith("on") or name in ("src", "href")]
     for text in injected:                        # each one reached the page, as text
         assert any(text in node for node in page.texts), text
@@ -311,8 +317,9 @@ def test_a_panel_is_built_from_the_query_and_framed_by_the_page(tmp_path):
     assert ('<h2 id="eco">Eco &lt;da busca&gt;</h2><div class="card"><p>q=43335; parâmetros=q,x</p></div>'
             '<footer>') in html
     assert [m for m in re.findall(r'id="(\w+)"', html)] == [p.anchor for p in PANELS] + ["eco"]
+    assert page["busca"].asked == "" and page.refresh       # no search: the page reloads itself
     with pytest.raises(KeyError):
-        page["busca"]
+        page["nada"]
 
 
 def test_the_console_imports_neither_the_loop_nor_the_cli():

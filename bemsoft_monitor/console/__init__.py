@@ -5,9 +5,10 @@ snapshot, the settings, a FAILED_DIR summary, the request's query), lets each pa
 `panels.PANELS` build its view from it (`page`) and writes them as one self-contained HTML
 page (`markup`: inline CSS, an inline SVG chart, no JavaScript, refreshes itself). `words`
 holds what `--status` says the same way, `scan` reads FAILED_DIR, `access` checks
-STATUS_TOKEN. Nothing here queries the database, and nothing here may show patient data:
-failure files are read only for their reason (generalised, see `scan.reason_group`), time,
-solicitation code, item count and status. The console imports neither the loop nor the CLI.
+STATUS_TOKEN. Only the search queries the database (through the `trace` it is given: an
+order's story, see `bemsoft_monitor.trace`), and nothing here may show patient data: failure
+files are read only for their reason (generalised, see `scan.reason_group`), time,
+solicitation code, items and status. The console imports neither the loop nor the CLI.
 """
 from __future__ import annotations
 
@@ -29,10 +30,12 @@ class Console:
 
     def __init__(self, board: StatusBoard, settings: Settings, *, env_file: str | None = None,
                  scan: FailureScan | None = None, panels: tuple[Panel, ...] = PANELS,
-                 alerts=None):
-        """`alerts`: the running Alerter (its `view()` feeds the Alertas panel), if any."""
+                 alerts=None, trace=None):
+        """`alerts`: the running Alerter (its `view()` feeds the Alertas panel), if any;
+        `trace`: what answers the search (a `trace.Tracer` on the monitor's database)."""
         self.board, self.settings = board, settings
         self.alerts = alerts
+        self.trace = trace
         self.env_file = env_file
         self.scan = scan or FailureScan(settings.failed_dir)
         self.panels = panels
@@ -42,7 +45,8 @@ class Console:
         params.pop("token", None)   # the credential is checked by `authorized`, never shown
         return build_page(self.board.snapshot(), self.settings, self.scan.summary(),
                           env_file=self.env_file, query=params, panels=self.panels,
-                          alerts=self.alerts.view() if self.alerts is not None else None)
+                          alerts=self.alerts.view() if self.alerts is not None else None,
+                          trace=self.trace)
 
     def render(self, query: str = "") -> str:
         """The page, through the one redaction every output passes: no secret, and control

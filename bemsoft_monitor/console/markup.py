@@ -62,11 +62,13 @@ def render_page(page: Page) -> str:
     css = CSS + "".join(dict.fromkeys(panel.css for panel, _ in page.sections))
     return (
         '<!DOCTYPE html><html lang="pt-BR"><head><meta charset="utf-8">'
-        f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">'
-        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        + (f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">' if page.refresh else "")
+        + '<meta name="viewport" content="width=device-width,initial-scale=1">'
         f"<title>{e(page.state)} · {e(page.title)}</title><style>{css}</style></head><body><main>"
         f"<h1>{e(page.title)}</h1>"
         + "".join(section(panel, view) for panel, view in page.sections)
-        + f"<footer>Atualizado às {e(page.generated)}; a página se atualiza a cada {REFRESH_SECONDS} s. "
-        "Dados do próprio monitor, em memória: esta página não consulta o banco.</footer>"
+        + f"<footer>Atualizado às {e(page.generated)}; "
+        + (f"a página se atualiza a cada {REFRESH_SECONDS} s. " if page.refresh else
+           "a página com uma busca não se atualiza sozinha. ")
+        + "Dados do próprio monitor, em memória; só a busca consulta o banco.</footer>"
         "</main></body></html>")

@@ -3,7 +3,6 @@ show (its reason generalised by `reason_group`, time, solicitation code, item co
 status; never patient data), grouped by reason, and a cached, bounded listing of the folder."""
 from __future__ import annotations
 
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -11,25 +10,10 @@ from pathlib import Path
 from typing import Callable
 
 from ..failures import FailureFileError, FailureStore
+from ..reasons import reason_group
 
 SCAN_TTL = 5.0          # seconds a FAILED_DIR listing is reused
 SCAN_MAX_FILES = 5000   # failure files read per listing (oldest first); the rest are counted
-
-_ITEM_PREFIX = re.compile(r"^item [^:]{1,40}: ")
-_PATIENT_ID = re.compile(r"\bpaciente\s+(?:(?:pat|cpf)-)?[0-9][0-9.\-]*\s*")
-_LONG_NUMBER = re.compile(r"\d[\d.\-/]{3,}\d")
-
-
-def reason_group(reason: str) -> str:
-    """A failure reason reduced to what groups it and shows no patient data: the first item's
-    reason, up to the first ': ' (what follows may echo the API's answer), without the patient
-    identifier (it can be a CPF) and with long numbers (CPF, dates) masked."""
-    text = " ".join(str(reason).split())
-    text = _ITEM_PREFIX.sub("", text).split("; item ", 1)[0]
-    text = text.split(": ", 1)[0]
-    text = _PATIENT_ID.sub("paciente ", text)
-    text = _LONG_NUMBER.sub("…", text)
-    return (text[:117] + "…") if len(text) > 120 else (text or "sem motivo registrado")
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,12 @@ from .chart import ChartPanel
 from .configuration import ConfigurationPanel
 from .failed_dir import FailedDirPanel
 from .recent import RecentPanel
+from .search import SearchPanel
 from .state import StatePanel
 
 PANELS: tuple[Panel, ...] = (
     StatePanel(),
+    SearchPanel(),
     ChartPanel(),
     FailedDirPanel(),
     AlertsPanel(),

@@ -9,7 +9,7 @@ inside a card; a panel whose `heading` is empty draws its own frame (the state b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ...config import Settings
 from ...status import Snapshot
@@ -26,6 +26,9 @@ class Context:
     query: Mapping[str, list[str]] = field(default_factory=dict)
     env_file: str | None = None
     alerts: Any = None        # alerts.AlertsView, None when no channel is configured
+    # the search's story (trace.Tracer: text -> Story, reads the database); None when the
+    # console runs without a database (the page then says so)
+    trace: Callable[[str], Any] | None = None
 
     @property
     def tz(self):
