@@ -293,6 +293,13 @@ class BemsoftClient:
         if answer.truncated:  # not a portal: a catalog larger than any the API is known to send
             raise ApiError(f"GET /tests: resposta maior que {CATALOG_CAP // (1024 * 1024)} MiB; "
                            "catálogo descartado", permanent=False, status=answer.status)
+        if answer.status == 200:   # the usual answer: parsed once, here
+            try:
+                data = json.loads(answer.body)
+            except ValueError:
+                data = None
+            if isinstance(data, dict) and not body_error(data):
+                return data
         outcome, reason, unexpected = judge(answer.status, answer.body, self.settings)
         if answer.status == 403:  # GET /tests carries no order: a 403 refuses the token
             outcome, reason = Verdict.TOKEN_REFUSED, token_refused_reason(403)
