@@ -262,7 +262,7 @@ class Route:
             _send(conn, data, deadline)
             answer, keep = _receive(conn, method, cap, deadline)
         finally:
-            if keep:
+            if keep and not conn.buf:   # bytes nobody asked for: not reused
                 self.put(conn)
             else:
                 conn.close()
