@@ -1,12 +1,10 @@
-"""The API client stage: one urllib3 pool (direct or through the proxy) sized to the
-concurrency, bounded answers, response classification (SPEC §5, §8) and per-request retries
+"""The API client stage: keep-alive connections (direct or through the proxy, see
+transport.py) as many as the senders, bounded answers, response classification (SPEC §5, §8) and per-request retries
 that honour `Retry-After`."""
 from __future__ import annotations
 
-import collections
 import json
 import logging
-import socket
 import ssl
 import threading
 import time
@@ -20,6 +18,8 @@ from urllib3.exceptions import (ConnectTimeoutError, NameResolutionError, NewCon
 from .config import Settings
 from .redaction import redact, redact_head
 from .retry import PauseGate, RetryPolicy, parse_retry_after
+from .transport import (BODY_CAP, Answer, BadAnswer, DeadlineExpired, Route, TransportError,
+                        TunnelFailed)
 
 log = logging.getLogger(__name__)
 
@@ -38,31 +38,14 @@ class Verdict:
 ERROR_KEYS = ("error", "errors", "erro", "erros")
 TRANSIENT_4XX = {408, 425, 429}
 BODY_LIMIT = 1000            # characters of an answer kept in reasons and failure files
-BODY_CAP = 1024 * 1024       # bytes of an answer read at most; the rest is discarded
 CATALOG_CAP = 64 * 1024 * 1024  # GET /tests: a support lab's whole catalog is large
-READ_CHUNK = 64 * 1024
 UNEXPECTED = "resposta inesperada: não parece ser a API (proxy/portal?)"
-# retries are ours (RetryPolicy, with Retry-After and the shared pause); urllib3 raises the
-# first error as it is. One object: urllib3 would build one per call from `False`.
-NO_RETRIES = urllib3.Retry(total=False, redirect=False)
-
-
-class TransportError(Exception):
-    """No HTTP answer (connection refused/reset/dropped, timeout, proxy, TLS): transient.
-    The message is a redacted pt-BR line that says what failed on the route."""
-
-
-@dataclass(frozen=True)
-class Answer:
-    status: int
-    body: bytes
-    retry_after: str | None
-    truncated: bool = False   # longer than the cap: `body` is its beginning only
 
 
 def build_ssl_context(settings: Settings) -> ssl.SSLContext:
     """The system's trusted CAs and certifi's, plus BEMSOFT_CA_BUNDLE's (added, never
-    instead); verification off only with BEMSOFT_VERIFY=0."""
+    instead); verification off only with BEMSOFT_VERIFY=0. The same store is trusted for
+    an https:// proxy."""
     context = ssl.create_default_context()
     try:
         import certifi
@@ -77,173 +60,40 @@ def build_ssl_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
-class _Watch:
-    __slots__ = ("conn", "deadline", "done", "expired")
-
-    def __init__(self, conn, deadline: float):
-        self.conn, self.deadline, self.done, self.expired = conn, deadline, False, False
-
-
-class Deadlines:
-    """BEMSOFT_TIMEOUT for the whole call, headers included: a socket timeout bounds each
-    read, not the call, so a server sending one byte a second could hold a sender for
-    minutes. One watchdog thread shuts down the socket of a call still running at its
-    deadline. Every call has the same timeout, so deadlines arrive in order: a deque."""
-
-    def __init__(self, timeout: float):
-        self.timeout = timeout
-        self._cond = threading.Condition()
-        self._queue: collections.deque[_Watch] = collections.deque()
-        self._local = threading.local()
-        self._thread: threading.Thread | None = None
-        self._closed = False
-
-    def start(self, conn) -> None:
-        """Called as a request goes out on `conn` (from the connection, in the caller's thread)."""
-        with self._cond:
-            watch = _Watch(conn, time.monotonic() + self.timeout)
-            self._queue.append(watch)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="bemsoft-deadlines",
-                                                daemon=True)
-                self._thread.start()
-        self._local.watch = watch
-
-    def finish(self) -> bool:
-        """The call of this thread is over; True if the watchdog cut it."""
-        watch = getattr(self._local, "watch", None)
-        if watch is None:
-            return False
-        self._local.watch = None
-        with self._cond:
-            watch.done = True
-            return watch.expired
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-
-    def _run(self) -> None:
-        with self._cond:
-            while not self._closed:
-                now = time.monotonic()
-                while self._queue and (self._queue[0].done or self._queue[0].deadline <= now):
-                    watch = self._queue.popleft()
-                    if not watch.done:
-                        watch.expired = True
-                        sock = getattr(watch.conn, "sock", None)
-                        if sock is not None:
-                            try:
-                                sock.shutdown(socket.SHUT_RDWR)
-                            except OSError:
-                                pass
-                wait = self._queue[0].deadline - now if self._queue else 5.0
-                self._cond.wait(min(max(wait, 0.01), 0.5))
-
-
-def _watched(cls, deadlines: Deadlines):
-    class Watched(cls):
-        def request(self, *args, **kwargs):
-            deadlines.start(self)
-            return super().request(*args, **kwargs)
-    Watched.__name__ = f"Watched{cls.__name__}"
-    return Watched
-
-
 class Transport:
-    """One urllib3 connection pool to the API host, through the proxy when there is one
-    (CONNECT tunnel for https), keep-alive, as many connections as senders (+1 for the
-    catalog). Every call is bounded: BEMSOFT_TIMEOUT for the whole call, BODY_CAP bytes."""
+    """Keep-alive connections to the API host, through the proxy when there is one (CONNECT
+    tunnel for https; an https:// proxy verified against the same CAs as the API), as many
+    kept as senders (+1 for the catalog). Every call is bounded: BEMSOFT_TIMEOUT for the
+    whole call, connection included, and BODY_CAP bytes (transport.Route)."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.timeout = settings.timeout
-        parts = urlsplit(settings.base_url)
-        pool_kw = {"maxsize": settings.concurrency + 1, "block": True, "retries": False,
-                   "timeout": urllib3.Timeout(connect=min(10.0, settings.timeout),
-                                              read=settings.timeout, total=settings.timeout)}
-        if parts.scheme == "https":
-            pool_kw["ssl_context"] = build_ssl_context(settings)
-            if not settings.verify_tls:
-                pool_kw["cert_reqs"] = "CERT_NONE"
-                urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+        https = urlsplit(settings.base_url).scheme == "https"
         proxy = settings.proxy
-        if proxy is not None:
-            auth = proxy.basic_auth
-            self.manager = urllib3.ProxyManager(
-                proxy.url, num_pools=2,
-                proxy_headers=urllib3.make_headers(proxy_basic_auth=auth) if auth else None,
-                **pool_kw)
-        else:
-            self.manager = urllib3.PoolManager(num_pools=2, **pool_kw)
-        self.pool = self.manager.connection_from_url(settings.base_url)
-        self.deadlines = Deadlines(settings.timeout)
-        self.pool.ConnectionCls = _watched(self.pool.ConnectionCls, self.deadlines)
-        # through a plain-http proxy the request line carries the absolute URL (no tunnel)
-        self._absolute = proxy is not None and parts.scheme == "http"
-        self._proxy_headers = dict(self.manager.proxy_headers) if self._absolute else {}
+        tls = https or (proxy is not None and urlsplit(proxy.url).scheme == "https")
+        context = build_ssl_context(settings) if tls else None
+        if tls and not settings.verify_tls:
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+        self.route = Route(settings.base_url, proxy, context, settings.verify_tls,
+                           keep=settings.concurrency + 1)
 
     def target(self, url: str) -> str:
-        if self._absolute:
-            return url
-        parts = urlsplit(url)
-        return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return self.route.target(url)
 
     def request(self, method: str, target: str, body: bytes | None, headers: dict,
                 cap: int = BODY_CAP) -> Answer:
-        if self._proxy_headers:
-            headers = {**self._proxy_headers, **headers}
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + self.timeout   # before the connection is made (§9)
         try:
-            resp = self.pool.urlopen(method, target, body=body, headers=headers,
-                                     retries=NO_RETRIES, redirect=False, preload_content=False,
-                                     decode_content=False, assert_same_host=False)
-        except urllib3.exceptions.HTTPError as err:
-            raise self._failure(err) from err
-        try:
-            data, truncated = self._read(resp, deadline, cap)
-        except (urllib3.exceptions.HTTPError, OSError) as err:
-            resp.close()
-            raise self._failure(err) from err
-        finally:
-            if self.deadlines.finish():
-                resp.close()
-            resp.release_conn()
-        return Answer(resp.status, data, resp.headers.get("Retry-After"), truncated)
-
-    def _failure(self, err: BaseException) -> TransportError:
-        if self.deadlines.finish():
-            return TransportError(f"tempo esgotado esperando a API (BEMSOFT_TIMEOUT="
-                                  f"{self.timeout:g} s para a chamada inteira)")
-        return TransportError(describe_transport_error(err, self.settings))
-
-    def _read(self, resp, deadline: float, cap: int) -> tuple[bytes, bool]:
-        """The body, at most `cap` bytes, within the call's deadline (a server trickling
-        one byte at a time cannot hold a sender), and whether it was cut. Anything beyond
-        the cap is discarded and the connection dropped."""
-        chunks, size = [], 0
-        while True:
-            if time.monotonic() > deadline:
-                resp.close()
-                raise TransportError(f"tempo esgotado lendo a resposta da API "
-                                     f"(BEMSOFT_TIMEOUT={self.timeout:g} s)")
-            chunk = resp.read1(READ_CHUNK)
-            if not chunk:
-                return b"".join(chunks), False
-            if size + len(chunk) > cap:
-                chunks.append(chunk[:cap - size])
-                resp.close()  # the rest is not read: the connection goes
-                log.debug("Resposta maior que %d bytes: cortada e conexão descartada.", cap)
-                return b"".join(chunks), True
-            size += len(chunk)
-            chunks.append(chunk)
-            if resp.length_remaining == 0:  # the whole Content-Length is here
-                return b"".join(chunks), False
+            return self.route.exchange(method, target, body, headers, cap, deadline)
+        except DeadlineExpired as err:
+            raise TransportError(f"tempo esgotado esperando a API (BEMSOFT_TIMEOUT="
+                                 f"{self.timeout:g} s para a chamada inteira)") from err
+        except (TunnelFailed, BadAnswer, urllib3.exceptions.HTTPError, OSError) as err:
+            raise TransportError(describe_transport_error(err, self.settings)) from err
 
     def close(self) -> None:
-        self.manager.clear()
-        self.deadlines.close()
+        self.route.clear()
 
 
 def describe_transport_error(err: BaseException, settings: Settings) -> str:
@@ -259,10 +109,19 @@ def describe_transport_error(err: BaseException, settings: Settings) -> str:
         elif isinstance(inner, (NewConnectionError, ConnectTimeoutError, ConnectionError,
                                 TimeoutError)):
             text = f"proxy inacessível: {where} não aceitou a conexão ({_short(inner)})"
-        elif isinstance(inner, (SSLError, ssl.SSLError)):
-            return describe_transport_error(inner, settings)
         else:
             text = f"falha no proxy {where}: {_short(inner)}"
+    elif isinstance(err, TunnelFailed):   # an https:// proxy's own certificate (§10)
+        where = f"{proxy.display} ({proxy.source})" if proxy else "o proxy"
+        detail = _short(err.__cause__ or err)
+        if "CERTIFICATE_VERIFY_FAILED" in detail or "certificate verify failed" in detail:
+            text = (f"falha na verificação TLS do proxy {where}: certificado do proxy não "
+                    f"confiável ({detail}). A API não foi contatada. Aponte BEMSOFT_CA_BUNDLE "
+                    "para o arquivo PEM da CA que assina o proxy")
+        else:
+            text = f"falha TLS com o proxy {where}: {detail}"
+    elif isinstance(err, BadAnswer):
+        text = f"resposta HTTP inválida de {host}: {_short(err)}"
     elif isinstance(err, NameResolutionError):
         text = (f"falha de DNS: o nome {host} não foi encontrado (confira BEMSOFT_BASE_URL e o "
                 "DNS da rede; se a saída é por proxy, defina HTTPS_PROXY ou BEMSOFT_PROXY)")
@@ -434,6 +293,13 @@ class BemsoftClient:
         if answer.truncated:  # not a portal: a catalog larger than any the API is known to send
             raise ApiError(f"GET /tests: resposta maior que {CATALOG_CAP // (1024 * 1024)} MiB; "
                            "catálogo descartado", permanent=False, status=answer.status)
+        if answer.status == 200:   # the usual answer: parsed once, here
+            try:
+                data = json.loads(answer.body)
+            except ValueError:
+                data = None
+            if isinstance(data, dict) and not body_error(data):
+                return data
         outcome, reason, unexpected = judge(answer.status, answer.body, self.settings)
         if answer.status == 403:  # GET /tests carries no order: a 403 refuses the token
             outcome, reason = Verdict.TOKEN_REFUSED, token_refused_reason(403)

@@ -100,6 +100,7 @@ class RunResult:
     db_cpu_s: float | None = None     # PostgreSQL backends that exited during the run
     code: str = ""                    # git commit (+dirty) and hash of the product code run
     wrapped: bool = False             # run under a profiler: CPU/RSS are not representative
+    tree: str = ""                    # --compare: the git ref measured, "" for this checkout
     extra: dict = field(default_factory=dict)
 
     @property
@@ -259,19 +260,19 @@ def children_cpu_s(pid: int | None) -> float | None:
     return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
 
 
-def code_fingerprint() -> str:
+def code_fingerprint(tree: Path = ROOT) -> str:
     """Short hash of the product code the monitor will import (it changes under concurrent
-    edits; every run records the code it measured), with the git commit."""
+    edits; every run records the code it measured), with the git commit of `tree`."""
     import hashlib
     digest = hashlib.sha256()
-    for path in sorted((ROOT / "bemsoft_monitor").glob("*.py")) + [MONITOR_SCRIPT]:
+    for path in sorted((tree / "bemsoft_monitor").glob("*.py")) + [tree / MONITOR_SCRIPT.name]:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, text=True,
                                 capture_output=True, timeout=10, check=False).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "bemsoft_monitor",
-                                "monitor_bemsoft.py"], cwd=ROOT, text=True, capture_output=True,
+                                "monitor_bemsoft.py"], cwd=tree, text=True, capture_output=True,
                                timeout=10, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "?", ""
@@ -296,8 +297,8 @@ class Spawner:
             cls._instance = cls()
         return cls._instance
 
-    def run(self, command: list[str], log_path: Path) -> dict:
-        request = {"cmd": command, "cwd": str(ROOT), "env": clean_env(), "log": str(log_path)}
+    def run(self, command: list[str], log_path: Path, cwd: Path = ROOT) -> dict:
+        request = {"cmd": command, "cwd": str(cwd), "env": clean_env(), "log": str(log_path)}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
@@ -306,13 +307,17 @@ class Spawner:
         return json.loads(line)
 
 
-def run_monitor(env_file: Path, log_path: Path, wrap: list[str] | None, cprofile: str | None) -> dict:
+def run_monitor(env_file: Path, log_path: Path, wrap: list[str] | None, cprofile: str | None,
+                tree: Path = ROOT) -> dict:
+    """The monitor of `tree` (this checkout, or the one --compare made), run from its folder:
+    it imports its own `bemsoft_monitor`."""
     command = monitor_command(env_file, "--drain")
+    command[1] = str(tree / MONITOR_SCRIPT.name)
     if cprofile:
         command[1:1] = ["-m", "cProfile", "-o", cprofile]
     if wrap:
         command = wrap + command
-    return Spawner.get().run(command, log_path)
+    return Spawner.get().run(command, log_path, cwd=tree)
 
 
 class PageRefresher:
@@ -350,7 +355,8 @@ class PageRefresher:
 # --------------------------------------------------------------------------- one run
 
 def one_run(args, concurrency: int, repeat: int, *, solicitations: int | None = None,
-            items: int | None = None, latency: float | None = None) -> RunResult:
+            items: int | None = None, latency: float | None = None,
+            tree: Path = ROOT) -> RunResult:
     n = solicitations if solicitations is not None else args.solicitations
     m = items if items is not None else args.items
     lat = latency if latency is not None else args.latency
@@ -377,14 +383,14 @@ def one_run(args, concurrency: int, repeat: int, *, solicitations: int | None = 
         cprofile = None
         if args.cprofile:
             cprofile = f"{args.cprofile}.c{concurrency}.r{repeat}.prof"
-        code = code_fingerprint()
+        code = code_fingerprint(tree)
         postmaster = db.postmaster_pid()
         pg_before = children_cpu_s(postmaster)
         if refresher is not None:
             with refresher:
-                spawned = run_monitor(env_file, log_path, wrap, cprofile)
+                spawned = run_monitor(env_file, log_path, wrap, cprofile, tree)
         else:
-            spawned = run_monitor(env_file, log_path, wrap, cprofile)
+            spawned = run_monitor(env_file, log_path, wrap, cprofile, tree)
         time.sleep(0.3)  # the monitor's backends exit once its connections close
         pg_after = children_cpu_s(postmaster)
         times = parse_monitor_log(log_path, spawned["spawned_at"])
@@ -400,6 +406,7 @@ def one_run(args, concurrency: int, repeat: int, *, solicitations: int | None = 
             seed_s=seed_s, fake_cpu_s=fake.cpu_s, posts=int(state.get("posts", 0)),
             stored_tests=int(state.get("stored_tests_total", 0)), checkpoint=checkpoint or 0,
             max_item=max_item, wrapped=bool(wrap or cprofile),
+            tree="" if tree == ROOT else args.compare,
             machine_busy_s=spawned["machine_busy_s"],
             code=code, db_cpu_s=(pg_after - pg_before if pg_before is not None
                                  and pg_after is not None else None),
@@ -444,6 +451,97 @@ def verify(result: RunResult, state: dict, expected_items: int, workdir: Path,
         raise BenchError(f"execução inválida (concorrência {result.concurrency}, repetição "
                          f"{result.repeat}): " + "; ".join(problems)
                          + f". Log do monitor: {workdir / 'monitor.log'}")
+
+
+# --------------------------------------------------------------------------- --compare
+
+THIS_TREE = "esta árvore"
+
+
+class RefCheckout:
+    """--compare REF: a temporary `git worktree` of REF (detached) beside this checkout, so
+    its monitor runs with its own code and this benchmark's seeding, fake API and checks;
+    `close()` removes it."""
+
+    def __init__(self, ref: str):
+        self.ref = ref
+        self.path = Path(tempfile.mkdtemp(prefix="bemsoft-bench-ref-")) / "tree"
+        result = subprocess.run(["git", "worktree", "add", "--detach", str(self.path), ref],
+                                cwd=ROOT, text=True, capture_output=True, timeout=120, check=False)
+        if result.returncode != 0:
+            shutil.rmtree(self.path.parent, ignore_errors=True)
+            raise BenchError(f"não foi possível fazer checkout de {ref!r}: "
+                             f"{(result.stderr or result.stdout).strip()}")
+        self.commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=self.path,
+                                     text=True, capture_output=True, timeout=10,
+                                     check=False).stdout.strip()
+
+    def close(self) -> None:
+        subprocess.run(["git", "worktree", "remove", "--force", str(self.path)], cwd=ROOT,
+                       capture_output=True, timeout=120, check=False)
+        shutil.rmtree(self.path.parent, ignore_errors=True)
+        subprocess.run(["git", "worktree", "prune"], cwd=ROOT, capture_output=True, timeout=60,
+                       check=False)
+
+
+COMPARED = (  # (key of summarize(), label, format, higher is better)
+    ("wall_s", "parede s", ".2f", False),
+    ("drain_s", "dreno s", ".2f", False),
+    ("sol_per_s", "sol/s", ".1f", True),
+    ("cpu_ms_per_sol", "CPU ms/sol", ".3f", False),
+    ("rss_mb", "RSS MB", ".1f", False),
+    ("post_ms_mean", "POST médio ms", ".1f", False),
+    ("wall_over_floor", "parede/piso", ".3f", False),
+)
+
+
+def compare_summaries(runs: list[RunResult]) -> dict:
+    """Medians of each tree and, per concurrency, this tree / REF for each figure (and the
+    median of the per-repetition ratios, the pairs having run one after the other)."""
+    ref = summarize([r for r in runs if r.tree])["by_concurrency"]
+    this = summarize([r for r in runs if not r.tree])["by_concurrency"]
+    pairs: dict[tuple[int, int], dict[bool, RunResult]] = {}
+    for run in runs:
+        pairs.setdefault((run.concurrency, run.repeat), {})[bool(run.tree)] = run
+    result = {}
+    for c in this:
+        ratios = {}
+        for key, _, _, _ in COMPARED:
+            a, b = this[c].get(key), ref.get(c, {}).get(key)
+            per_pair = [getattr(p[False], key) / getattr(p[True], key)
+                        for (pc, _), p in sorted(pairs.items()) if pc == c and len(p) == 2
+                        and getattr(p[False], key) and getattr(p[True], key)]
+            ratios[key] = {"of_medians": a / b if a and b else None,
+                           "median_of_pairs": median(per_pair), "pairs": per_pair}
+        result[c] = {"this": this[c], "ref": ref.get(c), "ratio": ratios}
+    return result
+
+
+def report_comparison(args, runs: list[RunResult], info: dict) -> int:
+    comparison = compare_summaries(runs)
+    ref = args.compare
+    print(f"\nMedianas, {ref} contra esta árvore (razão = esta árvore / {ref}; "
+          "na mesma invocação, intercaladas repetição a repetição):")
+    for c, data in comparison.items():
+        floor = data["this"]["floor_s"]
+        print(f"\nconcorrência {c}, {args.solicitations} x {args.items}, latência "
+              f"{args.latency * 1000:.0f} ms" + (f", piso {floor:.2f} s" if floor else "") + ":")
+        print(f"{'':<16} {ref[:14]:>14} {THIS_TREE:>14} {'razão':>8} {'razão/rep. (mediana)':>22}")
+        for key, label, spec, higher in COMPARED:
+            a, b = data["this"].get(key), (data["ref"] or {}).get(key)
+            if a is None and b is None:
+                continue
+            r = data["ratio"][key]
+            better = ""
+            if r["of_medians"] is not None:
+                better = " (melhor)" if (r["of_medians"] > 1) == higher and r["of_medians"] != 1 else ""
+            print(f"{label:<16} {fmt(b, spec):>14} {fmt(a, spec):>14} "
+                  f"{fmt(r['of_medians'], '.3f'):>8} {fmt(r['median_of_pairs'], '.3f'):>22}{better}")
+    if args.json:
+        save_json(args.json, {"argv": sys.argv, "args": vars(args), "machine": info,
+                              "runs": [r.to_json() for r in runs],
+                              "comparison": {str(c): v for c, v in comparison.items()}})
+    return 0
 
 
 # --------------------------------------------------------------------------- reporting
@@ -549,12 +647,24 @@ def fmt(value, spec=".2f", none="-"):
     return none if value is None else format(value, spec)
 
 
+def tree_label(run: RunResult, compare: str | None) -> str:
+    return "" if not compare else f"{run.tree or THIS_TREE}, "
+
+
 def print_runs(runs: list[RunResult]) -> None:
+    if any(r.tree for r in runs):
+        width = max(len(r.tree) for r in runs)
+        print(f"{'código':<{max(width, 12)}} ", end="")
+        for r in runs:
+            r.extra["compared"] = True
     print(f"{'conc':>4} {'rep':>3} {'parede s':>9} {'partida s':>9} {'dreno s':>8} {'últ.entrega s':>13} "
           f"{'cauda s':>7} {'sol/s':>8} {'CPU ms/sol':>10} {'RSS MB':>7} {'piso s':>7} "
           f"{'parede/piso':>11} {'API CPU ms/sol':>14}")
     for r in runs:
         fake = None if r.fake_cpu_s is None else r.fake_cpu_s * 1000 / r.solicitations
+        if r.extra.get("compared"):
+            width = max(max(len(x.tree) for x in runs), 12)
+            print(f"{r.tree or THIS_TREE:<{width}} ", end="")
         print(f"{r.concurrency:>4} {r.repeat:>3} {r.wall_s:>9.2f} {fmt(r.startup_s):>9} "
               f"{fmt(r.drain_s):>8} {fmt(r.last_delivery_s):>13} {fmt(r.tail_s):>7} "
               f"{r.sol_per_s:>8.1f} {r.cpu_ms_per_sol:>10.3f} {r.rss_mb:>7.1f} "
@@ -633,6 +743,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="não roda também a concorrência 1")
     parser.add_argument("--no-empty-run", action="store_true",
                         help="não mede a execução vazia (custo fixo de partida do monitor)")
+    parser.add_argument("--compare", metavar="REF_GIT",
+                        help="roda o mesmo benchmark também numa cópia (git worktree temporária) "
+                             "do commit/ramo REF_GIT, intercalado com esta árvore, e mostra as "
+                             "duas com as razões; implica --no-empty-run")
     return parser
 
 
@@ -675,6 +789,15 @@ def main(argv=None) -> int:
     if not args.no_baseline and args.concurrency != 1:
         concurrencies.append(1)
     info = machine_info(args.db, args.pg_url)
+    checkout, trees = None, [ROOT]
+    if args.compare:
+        try:
+            checkout = RefCheckout(args.compare)
+        except BenchError as err:
+            print(f"FALHA: {err}", file=sys.stderr)
+            return 1
+        trees = [checkout.path, ROOT]
+        info["compare"] = f"{args.compare} ({checkout.commit}) em {checkout.path}"
     print(f"Benchmark: {args.db}, {args.solicitations} solicitações x {args.items} itens, "
           f"latência {args.latency * 1000:.0f} ms, concorrência {' e '.join(map(str, concurrencies))}, "
           f"BATCH_SIZE {args.batch_size}, {args.repeat} repetições, LOG_LEVEL {args.log_level}")
@@ -683,16 +806,17 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     empty = None
     try:
-        if not args.no_empty_run:
+        if not args.no_empty_run and not args.compare:
             empty = one_run(args, args.concurrency, 0, solicitations=0)
             print(f"  execução vazia (0 solicitações, custo fixo de partida/saída): "
                   f"{empty.wall_s:.2f} s, {empty.cpu_s * 1000:.0f} ms CPU, {empty.rss_mb:.1f} MB",
                   flush=True)
         for repeat in range(1, args.repeat + 1):
-            for c in concurrencies:
-                result = one_run(args, c, repeat)
+            for tree, c in [(t, c) for t in trees for c in concurrencies]:
+                result = one_run(args, c, repeat, tree=tree)
                 runs.append(result)
-                print(f"  repetição {repeat}, concorrência {c}: {result.wall_s:.2f} s, "
+                print(f"  repetição {repeat}, {tree_label(result, args.compare)}concorrência {c}: "
+                      f"{result.wall_s:.2f} s, "
                       f"{result.sol_per_s:.1f} sol/s, {result.cpu_ms_per_sol:.3f} ms CPU/sol, "
                       f"{result.rss_mb:.1f} MB (verificado: {result.stored_tests} testes, "
                       f"{result.posts} POSTs, checkpoint {result.checkpoint}; código {result.code})"
@@ -702,8 +826,13 @@ def main(argv=None) -> int:
     except BenchError as err:
         print(f"\nFALHA: {err}", file=sys.stderr)
         return 1
+    finally:
+        if checkout is not None:
+            checkout.close()
     print(f"\nExecuções ({time.perf_counter() - started:.0f} s no total):")
     print_runs(runs)
+    if args.compare:
+        return report_comparison(args, runs, info)
     summary = summarize(runs)
     if empty is not None:
         summary["empty_run"] = {"wall_s": empty.wall_s, "cpu_s": empty.cpu_s, "rss_mb": empty.rss_mb}

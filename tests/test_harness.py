@@ -177,3 +177,28 @@ def test_the_monitor_never_imports_the_testing_package():
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_bench_compare_runs_a_checkout_of_the_ref_beside_this_tree_and_removes_it():
+    """`python -m bench.run_bench --compare REF`: both codes run on the same seeded database
+    and fake API, both verified, both reported with the ratio; the temporary worktree goes."""
+    done = run("-m", "bench.run_bench", "--db", "sqlite", "--solicitations", "20", "--items", "1",
+               "--latency", "0", "--concurrency", "2", "--repeat", "1", "--no-baseline",
+               "--poll-seconds", "0", "--compare", "HEAD", timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    checkout = re.search(r"compare=HEAD \(\w+\) em (\S+)", out)[1]
+    assert "repetição 1, HEAD, concorrência 2" in out
+    assert "repetição 1, esta árvore, concorrência 2" in out
+    assert out.count("verificado: 20 testes, 20 POSTs, checkpoint 20") == 2
+    assert re.search(r"^CPU ms/sol +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+", out, re.M), out
+    listed = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout
+    assert checkout not in listed
+
+
+def test_bench_compare_with_an_unknown_ref_says_so():
+    done = run("-m", "bench.run_bench", "--db", "sqlite", "--solicitations", "1",
+               "--compare", "nao-existe-esse-ref", timeout=120)
+    assert done.returncode == 1
+    assert "não foi possível fazer checkout de 'nao-existe-esse-ref'" in done.stderr

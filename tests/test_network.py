@@ -22,7 +22,9 @@ from bemsoft_monitor.config import parse_settings
 from bemsoft_monitor.testing.fakeapi import FakeBemsoft
 from bemsoft_monitor.payload import idempotency_key
 from conftest import LAB, ROOT, TOKEN, run
-from bemsoft_monitor.testing.network import API_HOST, CannedServer, ForwardProxy, HospitalCA
+from bemsoft_monitor.testing.harness import wait_until
+from bemsoft_monitor.testing.network import (API_HOST, CannedServer, ForwardProxy, HospitalCA,
+                                              _Listener, read_request)
 from test_api_behaviour import FAST, fast_clocks
 
 PORTAL = "<html><head><title>Hospital - acesso</title></head><body>Faça login</body></html>"
@@ -209,6 +211,108 @@ def test_a_trickling_server_cannot_hold_a_sender_beyond_the_timeout(tmp_path, tr
     assert 0 < sent < len(body)
     if trickle_head:   # cut while the headers were still arriving
         assert sent < len(b"HTTP/1.1 201 Canned\r\nContent-Type: application/json\r\n")
+
+
+def test_a_proxy_trickling_its_connect_answer_cannot_hold_a_sender_beyond_the_timeout(
+        tmp_path, api, ca):
+    """Issue 17 §9: the deadline starts before the connection, so the CONNECT through the
+    proxy counts (a proxy sending its "200 Connection established" one byte every 0.1 s
+    would otherwise hold the call ~4 s, each byte within the socket timeout, and deliver)."""
+    with ForwardProxy(trickle=0.1) as slow:
+        client = make_client(tmp_path, f"https://{API_HOST}:{api.port}", BEMSOFT_TIMEOUT="0.5",
+                             BEMSOFT_PROXY=slow.url, BEMSOFT_CA_BUNDLE=ca.ca_pem)
+        try:
+            delivery = client.deliver({"batch": {}}, "sol-1-abc")
+        finally:
+            client.close()
+        sent = slow.reply_bytes_sent
+    assert delivery.outcome == Verdict.TRANSIENT and delivery.status is None, delivery
+    assert "tempo esgotado" in delivery.reason and "BEMSOFT_TIMEOUT=0.5" in delivery.reason
+    assert slow.tunnels == [f"{API_HOST}:{api.port}"]          # it got as far as CONNECT
+    assert 0 < sent < len(ForwardProxy.ESTABLISHED)            # and was cut mid-answer
+    assert api.stored_tests() == []
+
+
+def test_the_connection_through_the_proxy_sends_without_delay(tmp_path, api, ca, proxy):
+    """Each request is one write: the socket urllib3 opened to the proxy has TCP_NODELAY, or
+    every POST would wait for the proxy's delayed ACK."""
+    client = make_client(tmp_path, f"https://{API_HOST}:{api.port}", BEMSOFT_PROXY=proxy.url,
+                         BEMSOFT_CA_BUNDLE=ca.ca_pem)
+    try:
+        assert client.deliver({"batch": {}}, "sol-1-abc").status == 400   # answered, kept
+        (kept,) = client.transport.route._idle
+        assert kept.raw.getpeername()[1] == proxy.port
+        assert kept.raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        client.close()
+    assert proxy.tunnels == [f"{API_HOST}:{api.port}"]
+
+
+def test_an_https_proxy_is_verified_with_the_ca_bundle(harness, ca):
+    """Issue 17 §10: an https:// proxy's certificate (signed by the hospital's CA) is checked
+    against the same store as the API's: system CAs plus BEMSOFT_CA_BUNDLE."""
+    ids = harness.order(1, ["GLI"])
+    with ForwardProxy(tls=ca.server_context("127.0.0.1")) as tls_proxy:
+        assert tls_proxy.url.startswith("https://")
+        harness.monitor(BEMSOFT_PROXY=tls_proxy.url, BEMSOFT_CA_BUNDLE=ca.ca_pem).step()
+        assert tls_proxy.tunnels and tls_proxy.handshake_failures == 0
+    assert stored_once(harness.api, ids) and harness.checkpoint() == max(ids)
+
+
+def test_an_untrusted_https_proxy_is_named_in_the_error_not_the_api(tmp_path, api, ca):
+    """Issue 17 §10: when the proxy's own certificate is not trusted, the error names the
+    proxy (the API host was never reached), so no one is sent to BEMSOFT_VERIFY=0."""
+    other = HospitalCA(tmp_path, names=("127.0.0.1",), filename="other-ca.pem")
+    with ForwardProxy(tls=other.server_context()) as tls_proxy:
+        client = make_client(tmp_path, f"https://{API_HOST}:{api.port}",
+                             BEMSOFT_PROXY=tls_proxy.url, BEMSOFT_CA_BUNDLE=ca.ca_pem)
+        try:
+            delivery = client.deliver({"batch": {}}, "sol-1-abc")
+        finally:
+            client.close()
+        assert wait_until(lambda: tls_proxy.handshake_failures == 1) and tls_proxy.tunnels == []
+    assert delivery.outcome == Verdict.TRANSIENT and delivery.status is None
+    assert f"falha na verificação TLS do proxy {tls_proxy.url} (BEMSOFT_PROXY)" in delivery.reason
+    assert "BEMSOFT_CA_BUNDLE" in delivery.reason
+    assert f"verificação TLS de {API_HOST}" not in delivery.reason
+
+
+class ScriptedServer(_Listener):
+    """Answers the n-th request of each connection with `answers[n]` (raw bytes), counting
+    connections; after the last answer it closes."""
+
+    def __init__(self, *answers: bytes):
+        self.answers, self.connections, self.requests = answers, 0, []
+        super().__init__()
+
+    def handle(self, conn):
+        self.connections += 1
+        for answer in self.answers:
+            self.requests.append(read_request(conn))
+            conn.sendall(answer)
+
+
+def test_interim_chunked_and_read_to_close_answers_are_read_whole(tmp_path):
+    chunked = (b"HTTP/1.1 100 Continue\r\n\r\n"
+               b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n"
+               b"Content-Type: application/json\r\n\r\n"
+               b"7;ext=1\r\n{\"id\": \r\n5\r\n\"a1\"}\r\n0\r\nX-Trailer: t\r\n\r\n")
+    retry = b"HTTP/1.1 429 Busy\r\nRetry-After: 7\r\nContent-Length: 4\r\n\r\nbusy"
+    to_close = b"HTTP/1.0 503 Down\r\n\r\nwhole body until the end"
+    with ScriptedServer(chunked, retry, to_close) as server:
+        client = make_client(tmp_path, f"http://127.0.0.1:{server.port}")
+        try:
+            assert client.post_once(b'{"a": 1}', "k1") == (201, b'{"id": "a1"}', None)
+            assert client.post_once(b"{}", "k2") == (429, b"busy", 7.0)
+            assert client.post_once(b"{}", "k3") == (503, b"whole body until the end", None)
+            assert client.transport.route._idle == []     # read to the close: not kept
+        finally:
+            client.close()
+    assert server.connections == 1                        # the first two kept it alive
+    line, headers, body = server.requests[0]
+    assert line == "POST /requests HTTP/1.1" and body == b'{"a": 1}'
+    assert headers["host"] == f"127.0.0.1:{server.port}" and headers["idempotency-key"] == "k1"
+    assert headers["authorization"] == f"Bearer {TOKEN}"
 
 
 def test_a_huge_body_is_capped_and_its_connection_dropped(tmp_path):

@@ -27,9 +27,10 @@ class HospitalCA:
         self.ca_pem = directory / filename
         self.ca.cert_pem.write_to_path(str(self.ca_pem))
 
-    def server_context(self) -> ssl.SSLContext:
+    def server_context(self, *names: str) -> ssl.SSLContext:
+        """A server context with the certificate for `names` (default: this CA's `names`)."""
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.cert.configure_cert(context)
+        (self.ca.issue_cert(*names) if names else self.cert).configure_cert(context)
         return context
 
 
@@ -111,20 +112,35 @@ def read_request(conn) -> tuple[str, dict, bytes]:
 class ForwardProxy(_Listener):
     """An HTTP proxy that only tunnels (CONNECT), as hospital proxies do for https. It
     resolves names from `hosts` itself; with `credentials` it answers 407 without a matching
-    Proxy-Authorization."""
+    Proxy-Authorization. With `tls` (a server context) it is an https:// proxy: the client
+    speaks TLS to the proxy itself, and TLS to the API inside the tunnel. With `trickle` it
+    sends its "200 Connection established" one byte every `trickle` seconds (and counts
+    them in `reply_bytes_sent`), as a slow or hostile proxy could."""
 
-    def __init__(self, hosts=None, credentials: tuple[str, str] | None = None):
+    ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+    def __init__(self, hosts=None, credentials: tuple[str, str] | None = None,
+                 tls: ssl.SSLContext | None = None, trickle: float | None = None):
         self.hosts = dict(hosts or {API_HOST: "127.0.0.1"})
         self.credentials = credentials
+        self.tls, self.trickle = tls, trickle
         self.tunnels: list[str] = []
         self.refused = 0
+        self.reply_bytes_sent = 0
+        self.handshake_failures = 0
         super().__init__()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def handle(self, conn):
+        if self.tls is not None:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except ssl.SSLError:   # the client did not trust our certificate
+                self.handshake_failures += 1
+                return
         line, headers, _ = read_head(conn)
         method, target, _ = line.split(" ", 2)
         if self.credentials is not None:
@@ -146,7 +162,17 @@ class ForwardProxy(_Listener):
         upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         upstream.settimeout(None)
         self.tunnels.append(target)
-        conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        if self.trickle is None:
+            conn.sendall(self.ESTABLISHED)
+        else:
+            for i in range(len(self.ESTABLISHED)):
+                try:
+                    conn.sendall(self.ESTABLISHED[i:i + 1])
+                except OSError:   # the client gave up
+                    upstream.close()
+                    return
+                self.reply_bytes_sent += 1
+                time.sleep(self.trickle)
         try:
             _splice(conn, upstream)
         finally:
@@ -156,7 +182,10 @@ class ForwardProxy(_Listener):
 def _splice(a: socket.socket, b: socket.socket) -> None:
     peers = {a: b, b: a}
     while True:
-        readable, _, _ = select.select(list(peers), [], [], 30)
+        # a TLS socket may hold decrypted bytes that select() cannot see
+        readable = [s for s in peers if isinstance(s, ssl.SSLSocket) and s.pending()]
+        if not readable:
+            readable, _, _ = select.select(list(peers), [], [], 30)
         if not readable:
             return
         for sock in readable:
