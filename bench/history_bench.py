@@ -15,8 +15,8 @@ Every "on" run also checks that the history holds one SENDING and one DELIVERED 
 
     python -m bench.history_bench --db postgresql --repeat 3 --json bench/results/history.json
 
-It reuses run_bench's run (`one_run`) as it is; the HISTORY_DAYS setting is added to the env
-file it writes, and the row count is read before its database is dropped."""
+It reuses run_bench's run (`one_run`), with HISTORY_DAYS added to the .env it writes and a
+database that counts the history rows before it is dropped."""
 from __future__ import annotations
 
 import argparse
@@ -31,13 +31,7 @@ from bemsoft_monitor.schema import HistoryEvent, monitor_history
 
 BUDGET_WALL_RATIO = 1.05      # history on: wall within 5% of off (20 ms latency)
 BUDGET_CPU_MS = 0.1           # history on: at most 0.1 ms more monitor CPU per solicitation
-_history_days = {"value": "400"}
 _counted: dict = {}
-
-
-def _write_env(directory, db_url, api_url, **overrides):
-    return _original_write_env(directory, db_url, api_url, HISTORY_DAYS=_history_days["value"],
-                               **overrides)
 
 
 class _CountingDatabase(run_bench.BenchDatabase):
@@ -56,14 +50,9 @@ class _CountingDatabase(run_bench.BenchDatabase):
         return super().checkpoint_and_max()
 
 
-_original_write_env = run_bench.write_env
-run_bench.write_env = _write_env
-run_bench.BenchDatabase = _CountingDatabase
-
-
 def run(args, days: str, repeat: int, latency: float) -> run_bench.RunResult:
-    _history_days["value"] = days
-    result = run_bench.one_run(args, args.concurrency, repeat, latency=latency)
+    result = run_bench.one_run(args, args.concurrency, repeat, latency=latency,
+                               env={"HISTORY_DAYS": days}, database=_CountingDatabase)
     items = args.solicitations * args.items
     expected = ({HistoryEvent.SENDING: items, HistoryEvent.DELIVERED: items} if days != "0" else {})
     if dict(_counted) != expected:

@@ -356,7 +356,10 @@ class PageRefresher:
 
 def one_run(args, concurrency: int, repeat: int, *, solicitations: int | None = None,
             items: int | None = None, latency: float | None = None,
-            tree: Path = ROOT) -> RunResult:
+            tree: Path = ROOT, env: dict | None = None,
+            database: type["BenchDatabase"] | None = None) -> RunResult:
+    """One measured run; `env` adds settings to the monitor's .env and `database` may be a
+    BenchDatabase subclass (e.g. one that counts rows before the database is dropped)."""
     n = solicitations if solicitations is not None else args.solicitations
     m = items if items is not None else args.items
     lat = latency if latency is not None else args.latency
@@ -364,7 +367,7 @@ def one_run(args, concurrency: int, repeat: int, *, solicitations: int | None = 
     db = fake = None
     keep = False
     try:
-        db = BenchDatabase(args.db, workdir, args.pg_url)
+        db = (database or BenchDatabase)(args.db, workdir, args.pg_url)
         seed_started = time.perf_counter()
         expected_items = db.seed(n, m)
         seed_s = time.perf_counter() - seed_started
@@ -377,7 +380,8 @@ def one_run(args, concurrency: int, repeat: int, *, solicitations: int | None = 
                              BEMSOFT_CONCURRENCY=concurrency, LOG_LEVEL=args.log_level,
                              LOG_FILE="-", **({"POLL_SECONDS": repr(args.poll_seconds)}
                                               if args.poll_seconds else {}),
-                             **({"METRICS_PORT": refresher.port} if refresher else {}))
+                             **({"METRICS_PORT": refresher.port} if refresher else {}),
+                             **(env or {}))
         log_path = workdir / "monitor.log"
         wrap = shlex.split(args.wrap) if args.wrap else None
         cprofile = None
