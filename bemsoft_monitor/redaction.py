@@ -28,10 +28,10 @@ _WORDS = (r"(?:[a-z0-9]+[_-])*(?:token|password|passwd|pass|pwd|senha|secret|api
           r"|authorization)")
 _HEADERS = r"(?:proxy-)?authorization|x-status-token|x-api-key"
 _KEY_VALUE = re.compile(
-    r"(?i)(?<![a-z0-9])(?:"
-    r"(?P<q>\\*[\"'])" + _WORDS + r"(?P=q)\s*[:=]\s*"
-    r"|(?:" + _HEADERS + r")\s*[:=]\s*"
-    r"|" + _WORDS + r"\s*=\s*"
+    r"(?i)(?:"
+    r"(?P<q>\\*[\"'])" + _WORDS + r"(?P=q)\s*[:=]\s*"       # quoted: the quote delimits it
+    r"|(?<![a-z0-9])(?:" + _HEADERS + r")\s*[:=]\s*"
+    r"|(?<![a-z0-9])" + _WORDS + r"\s*=\s*"
     r")(?:(?:bearer|basic|digest|token)\s+)?"
     r"(?P<value>\\+\"(?:[^\"\\\n]|\\+[^\"\\\n])*(?:\\+\")?"   # a JSON string inside JSON
     r"|\"(?:[^\"\\\n]|\\.)*\"?"                              # a JSON string

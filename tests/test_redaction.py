@@ -202,6 +202,8 @@ def test_the_redaction_handles_more_than_the_shapes_it_started_with(tmp_path):
         '{"Authorization":"Bearer abcdefghijk123"}': "abcdefghijk123",
         '{"password": 98765432, "user": "x"}': "98765432",
         '{"token": "zzzyyyxxx"}': "zzzyyyxxx",
+        'x\\"token\\": \\"JJJwwwvvv\\"': "JJJwwwvvv",      # a quoted key right after a letter
+        'a"secret":"kkkjjjhhh"': "kkkjjjhhh",
     }
     for text, secret in cases.items():
         assert secret not in redact(text, conf), text
