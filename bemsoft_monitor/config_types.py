@@ -15,6 +15,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from .visible import visible
+
 TRUE = {"1", "true", "yes", "sim", "s", "y", "on"}
 FALSE = {"0", "false", "no", "nao", "não", "n", "off"}
 MASKED = "*** (definido, oculto)"
@@ -25,7 +27,8 @@ class ConfigError(Exception):
 
     def __init__(self, key: str, expected: str):
         self.key = key
-        super().__init__(f"Configuração inválida: {key} {expected}")
+        # one line: a value quoted in `expected` may hold a CR or an escape sequence
+        super().__init__(visible(f"Configuração inválida: {key} {expected}", one_line=True))
 
 
 class Kind:

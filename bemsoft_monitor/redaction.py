@@ -14,6 +14,7 @@ import logging
 import re
 
 from .config import Settings
+from .visible import visible
 
 MASK = "***"
 
@@ -39,14 +40,6 @@ _KEY_VALUE = re.compile(
     r"|[^\s,;&})\]\"'<>]+)")                                 # anything else, to a delimiter
 _KEY_HINT = re.compile("token|pass|pwd|senha|secret|key|auth|bearer")  # on the lowered text
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/-]{8,}=*")
-
-# Control characters: C0 but tab and newline, DEL, C1, and the bidirectional overrides and
-# line separators that reorder or break what a terminal or an editor shows.
-_CONTROLS = "\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
-_UNSAFE = re.compile(f"[{_CONTROLS}]")
-_UNSAFE_IN_LINE = re.compile(f"[\n{_CONTROLS}]")
-_NAMED = {"\n": "\\n", "\r": "\\r"}
-
 
 def redact(text: str, settings: Settings | None, *, one_line: bool = False) -> str:
     """`text` with its control characters made visible and without secrets. Newlines stay
@@ -92,19 +85,6 @@ def redact_head(data: bytes | str, limit: int, settings: Settings | None) -> str
         if whole or len(text) >= limit:
             return text[:limit]
         window *= 8
-
-
-def visible(text: str, *, one_line: bool = False) -> str:
-    """`text` with control characters shown as escapes (`\\x1b`, `\\u202e`); with `one_line`,
-    newlines too (`\\n`)."""
-    if text.isprintable():  # every character escaped below is unprintable: the usual case
-        return text
-    return (_UNSAFE_IN_LINE if one_line else _UNSAFE).sub(_visible, text)
-
-
-def _visible(match: re.Match) -> str:
-    char = match.group()
-    return _NAMED.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
 
 
 def _mask_value(match: re.Match) -> str:

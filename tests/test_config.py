@@ -335,7 +335,8 @@ RELATED = {"DATABASE_URL": {"DATABASE_URL", "DB_SERVER"},
 @given(key=st.sampled_from(FUZZ_KEYS),
        value=st.one_of(st.text(max_size=30),
                        st.sampled_from(["inf", "-inf", "nan", "1e309", "0", "-0", "1_000", "1,5",
-                                        " ", "0x10", "９", "²", "Ⅻ", "1" * 5000]),
+                                        " ", "0x10", "９", "²", "Ⅻ", "1" * 5000, "0\r0",
+                                        "a\x1b]0;x\x07"]),
                        st.text(alphabet="0123456789.,-+eE ", max_size=12)))
 def test_any_single_value_gives_settings_or_a_config_error_naming_it(key, value):
     values = {**BASE, "TERCEIROS": "X", "BEMSOFT_TOKEN": TOKEN, key: value}
@@ -343,8 +344,17 @@ def test_any_single_value_gives_settings_or_a_config_error_naming_it(key, value)
         parse_settings(values)
     except ConfigError as err:
         assert err.key in RELATED.get(key, {key}), (key, str(err))
-        assert "\n" not in str(err) and "\r" not in str(err)
+        assert "\n" not in str(err) and "\r" not in str(err) and "\x1b" not in str(err)
         assert TOKEN not in str(err) or key == "BEMSOFT_TOKEN"
+
+
+@pytest.mark.parametrize("key", ["BEMSOFT_CA_BUNDLE", "TIMEZONE", "ALERT_EMAIL_TO"])
+def test_a_config_error_quoting_the_value_shows_its_control_characters_escaped(key):
+    values = {**BASE, "TERCEIROS": "X", "BEMSOFT_TOKEN": TOKEN, key: "0\r0\x1b]0;x\x07"}
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(values)
+    message = str(caught.value)
+    assert "\r" not in message and "\x1b" not in message and "\x07" not in message
 
 
 # ------------------------------------------------------------------ the real CLI
