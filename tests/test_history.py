@@ -274,3 +274,22 @@ def test_a_refused_token_is_an_attempt_written_at_exit(harness):
     rows = [(r[0], r[1], r[3]) for r in history(harness.engine)]
     assert rows[:2] == [(ids[0], E.SENDING, None), (ids[0], E.DELIVERED, 201)]
     assert [(e, s) for _, e, s in rows[2:]] == [(E.SENDING, None), (E.ATTEMPT, 401)]
+
+
+def test_no_patient_data_in_the_history_reasons(harness):
+    """A 400 that echoes the patient, and a data problem naming the patient: the history keeps
+    the reason's group (what went wrong), never the name, CPF or birth date (kept 400 days)."""
+    harness.order(700, ["GLI"], patient={"nome": "Maria Joana Silva", "cpf": "987.654.321-00"})
+    harness.api.fail_next(1, status=400, body={
+        "error": "paciente Maria Joana Silva CPF 98765432100 nascida em 1980-01-02: invalido"})
+    harness.order(701, ["TSH"], patient={"nome": "Jose", "datanasc": None, "cpf": "111.222.333-44"})
+    harness.monitor(DEFAULT_BIRTHDATE="").run("drain")
+    h = monitor_history
+    engine = harness.engine.execution_options(schema_translate_map=monitor_schema_map(harness.engine.dialect.name))
+    with engine.connect() as conn:
+        reasons = [r for (r,) in conn.execute(sa.select(h.c.Reason).where(h.c.Reason.is_not(None)))]
+    assert len(reasons) == 2, reasons
+    assert any("HTTP 400" in r for r in reasons) and any("data de nascimento" in r for r in reasons)
+    text = " ".join(reasons)
+    for private in ("Maria", "Silva", "98765432100", "987.654.321-00", "1980-01-02", "pat-"):
+        assert private not in text, reasons
