@@ -293,3 +293,14 @@ def test_no_patient_data_in_the_history_reasons(harness):
     text = " ".join(reasons)
     for private in ("Maria", "Silva", "98765432100", "987.654.321-00", "1980-01-02", "pat-"):
         assert private not in text, reasons
+
+
+@pytest.mark.parametrize("period", ["", "9999-12-31", "\uff12\uff10\uff12\uff16-\uff11\uff11", "0001-01-01"])
+def test_report_refuses_an_odd_period_with_exit_2(legacy, env_file, period):
+    """`--report ""` (an empty variable in a script) started the monitor itself; 9999-12-31
+    overflowed datetime (a traceback); full-width digits were taken for 2026-11."""
+    from conftest import run
+    done = run("monitor_bemsoft.py", "--env-file", str(env_file), "--report", period, timeout=20)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"período inválido {period!r}: use AAAA-MM-DD" in done.stderr
+    assert done.stdout == "" and "Traceback" not in done.stderr
