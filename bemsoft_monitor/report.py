@@ -28,6 +28,7 @@ OUTCOMES = {**DELIVERED, **FAILED}
 HEADER = ["Data e hora", "Solicitação", "Item", "Código do exame", "Chave", "HTTP", "Resultado"]
 MONEY = ("Valor", "VlTerceirizado")   # ItemSol columns a lab reconciles with, when it has them
 MIN_YEAR, MAX_YEAR = 1900, 9998      # a period's years (its UTC bounds stay in datetime's range)
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 CHUNK = 1000                          # ids per lookup (SQL Server: at most 2100 parameters)
 
 
@@ -105,9 +106,10 @@ def money_statement(columns: list[str], item_ids):
 
 
 def cell(value) -> str:
-    """Text for Excel: a code that starts like a formula is not run as one."""
+    """Text for Excel: a code that starts like a formula is not run as one (OWASP's list:
+    a tab or a carriage return before the `=` counts too; the history keeps a code's tab)."""
     text = "" if value is None else str(value)
-    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
+    return "'" + text if text[:1] in FORMULA_START else text
 
 
 def money(value) -> str:

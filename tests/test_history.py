@@ -304,3 +304,12 @@ def test_report_refuses_an_odd_period_with_exit_2(legacy, env_file, period):
     assert done.returncode == 2, done.stdout + done.stderr
     assert f"período inválido {period!r}: use AAAA-MM-DD" in done.stderr
     assert done.stdout == "" and "Traceback" not in done.stderr
+
+
+def test_report_cells_starting_like_a_formula_are_text():
+    """OWASP's CSV-injection starts: = + - @ and a tab or a carriage return (a code from the
+    LIS keeps its tab in the history, so "\\t=HYPERLINK(...)" reached the CSV as is)."""
+    from bemsoft_monitor.report import cell
+    for start in ("=", "+", "-", "@", "\t", "\r"):
+        assert cell(start + "HYPERLINK(\"http://x\")") == "'" + start + "HYPERLINK(\"http://x\")"
+    assert cell("GLI") == "GLI" and cell(None) == "" and cell(" =1") == " =1"
