@@ -40,6 +40,7 @@ READ_CHUNK = 64 * 1024
 # a chunk size is hex digits only: int(x, 16) also takes "-10", "+10", "0x10" and "1_0", and a
 # negative size moved the byte count back past the cap
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_STATUS = re.compile(r"[1-5][0-9]{2}")
 USER_AGENT = "bemsoft-monitor"
 
 
@@ -339,7 +340,9 @@ def _read_head(conn: _Conn, deadline: float) -> tuple[int, str, dict]:
     head, conn.buf = buf[:end].decode("latin-1"), buf[end + 4:]
     lines = head.split("\r\n")
     parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+    # three ASCII digits, 100-599: isdigit() takes "²⁰¹" (int() then raised ValueError, an
+    # "unexpected error" made the order a permanent failure) and "000" was judged permanent
+    if (len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not _STATUS.fullmatch(parts[1])):
         raise BadAnswer(f"linha de status inválida: {lines[0][:80]!r}")
     headers = {}
     for line in lines[1:]:
