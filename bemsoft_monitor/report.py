@@ -17,6 +17,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from .schema import HistoryEvent as E, monitor_history
+from .visible import visible
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,8 @@ def money(value) -> str:
         return ""
     try:
         amount = decimal.Decimal(str(value)).quantize(decimal.Decimal("0.01"))
-    except decimal.InvalidOperation:
-        return cell(value)
+    except decimal.InvalidOperation:   # a text column in some LIS: shown, never run
+        return cell(visible(str(value), one_line=True))
     return f"{amount}".replace(".", ",")   # pt-BR decimal comma
 
 

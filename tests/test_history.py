@@ -313,3 +313,26 @@ def test_report_cells_starting_like_a_formula_are_text():
     for start in ("=", "+", "-", "@", "\t", "\r"):
         assert cell(start + "HYPERLINK(\"http://x\")") == "'" + start + "HYPERLINK(\"http://x\")"
     assert cell("GLI") == "GLI" and cell(None) == "" and cell(" =1") == " =1"
+
+
+def test_report_shows_a_text_valor_with_its_control_characters_escaped(tmp_path, settings_factory):
+    """A LIS whose Valor is text: what is not a number goes to the CSV (and to the terminal,
+    without --output) with control characters made visible and formulas inert."""
+    import io
+    from bemsoft_monitor.migrations import upgrade
+    from bemsoft_monitor.report import parse_period, write_report
+    url = f"sqlite:///{tmp_path / 'lis.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE ItemSol (CodItemSol INTEGER PRIMARY KEY, Valor TEXT)")
+        conn.exec_driver_sql("INSERT INTO ItemSol VALUES (5, ?)", ("\x1b]0;x\x07=1+1\nz",))
+    upgrade(engine.execution_options(schema_translate_map=monitor_schema_map("sqlite")))
+    with engine.execution_options(schema_translate_map=monitor_schema_map("sqlite")).begin() as conn:
+        conn.execute(monitor_history.insert(), [{
+            "Name": "bemsoft", "At": dt.datetime(2026, 11, 28, 15), "CodSolicitacao": "9",
+            "CodItemSol": 5, "Event": E.DELIVERED, "HttpStatus": 201, "IdemKey": "sol-9-x"}])
+    out = io.StringIO()
+    write_report(settings_factory(url), engine, parse_period("2026-11-28"), out)
+    import csv
+    row = list(csv.reader(io.StringIO(out.getvalue()), delimiter=";"))[1]
+    assert row[-2:] == ["entregue", "\\x1b]0;x\\x07=1+1\\nz"] and "\x1b" not in out.getvalue()
