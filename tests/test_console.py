@@ -318,6 +318,12 @@ def test_a_panel_is_built_from_the_query_and_framed_by_the_page(tmp_path):
             '<footer>') in html
     assert [m for m in re.findall(r'id="(\w+)"', html)] == [p.anchor for p in PANELS] + ["eco"]
     assert page["busca"].asked == "" and page.refresh       # no search: the page reloads itself
+    assert "/?busca=" not in html       # a link would lose the token: the first search stops reloading
+    open_console = Console(StatusBoard(clock=Clock(), tz=SP), settings_for(tmp_path, STATUS_TOKEN=""))
+    assert '<a href="/?busca=#busca">' in open_console.render()   # without a token: a link to
+    typing = open_console.page("busca=")                           # the page that keeps still
+    assert typing.refresh is False and 'http-equiv="refresh"' not in render_page(typing)
+    assert "/?busca=#busca" not in render_page(typing)
     with pytest.raises(KeyError):
         page["nada"]
 

@@ -41,7 +41,7 @@ class Console:
         self.panels = panels
 
     def page(self, query: str = "") -> Page:
-        params = parse_qs(query)
+        params = parse_qs(query, keep_blank_values=True)   # `?busca=`: the search, typed
         params.pop("token", None)   # the credential is checked by `authorized`, never shown
         return build_page(self.board.snapshot(), self.settings, self.scan.summary(),
                           env_file=self.env_file, query=params, panels=self.panels,

@@ -19,7 +19,7 @@ class Page:
     generated: str
     state: str                                  # the banner's words, for the window title
     sections: tuple[tuple[Panel, Any], ...]     # each panel with its view, in page order
-    refresh: bool = True                        # reloads itself (not while showing a search)
+    refresh: bool = True                        # reloads itself (not with ?busca=, even empty)
 
     def __getitem__(self, anchor: str) -> Any:
         """The view of the panel with this anchor: page["falhas"].rows."""
@@ -36,4 +36,4 @@ def build_page(snap: Snapshot, settings: Settings, failures: FailureSummary, *,
     return Page(title=f"Monitor SQL → Bemsoft — {settings.monitor_name}",
                 generated=moment(snap.now, settings.tz), state=banner(snap, settings.tz).text,
                 sections=tuple((panel, panel.build(ctx)) for panel in panels),
-                refresh=not ctx.param(SEARCH_PARAM))
+                refresh=SEARCH_PARAM not in ctx.query)   # typing or reading a search

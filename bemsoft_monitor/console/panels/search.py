@@ -39,6 +39,7 @@ class SearchView:
     error: str = ""              # pt-BR: the search names nothing, the database failed
     story: Story | None = None
     steps: tuple[tuple[str, str, str], ...] = ()   # time, items, what happened (pt-BR)
+    typing: bool = False         # `?busca=` (even empty): the page does not reload under the field
 
 
 class SearchPanel(Panel):
@@ -53,7 +54,7 @@ class SearchPanel(Panel):
         asked = ctx.param(SEARCH_PARAM)[:MAX_SEARCH]
         token_field = bool(ctx.settings.status_token)
         if not asked:
-            return SearchView("", token_field)
+            return SearchView("", token_field, typing=SEARCH_PARAM in ctx.query)
         if ctx.trace is None:
             return SearchView(asked, token_field, "a busca consulta o banco: use-a no painel do "
                               "monitor em execução (METRICS_PORT) ou com python monitor_bemsoft.py "
@@ -84,9 +85,14 @@ class SearchPanel(Panel):
             return form + f'<p class="search-error">{tag("Busca", "warn")} {e(view.error)}</p>'
         story = view.story
         if story is None:
+            # the page reloads every few seconds and would wipe a search half typed: a plain
+            # link opens it without reloading (with STATUS_TOKEN the link would lose the
+            # token, which the page never carries: the first search stops the reloading)
+            pause = ("" if view.typing or view.token_field else
+                     ' <a href="/?busca=#busca">Parar a atualização automática para digitar</a>.')
             return form + ("<p>A história de uma solicitação (ou de um item, com item:CodItemSol): "
                            "cada envio com a chave e a resposta, falhas, reenvios e o que está "
-                           "pendente. O mesmo que python monitor_bemsoft.py --trace.</p>")
+                           "pendente. O mesmo que python monitor_bemsoft.py --trace." + pause + "</p>")
         found = (tag(("registrada" if story.query.kind == "sol" else "registrado") + " pelo monitor", "ok")
                  if story.found else tag("sem registro do monitor", "warn"))
         parts = [form, f'<p class="story-head"><b>{e(story.query.label)}</b> {found}</p>']
