@@ -84,9 +84,9 @@ def main(argv=None) -> int:
         return 2
     if args.dry_run:
         settings = settings.with_overrides(dry_run=True)
-    if args.output and not args.report:
+    if args.output and args.report is None:
         build_parser().error("--output só vale com --report")
-    if args.report:
+    if args.report is not None:   # `--report ""` (an empty variable) is a bad period, not a start
         from .report import run_report
         return run_report(settings, args.report, args.output)
 

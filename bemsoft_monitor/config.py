@@ -193,8 +193,14 @@ class Settings:
                               # at most 2000: SQL Server takes 2100 parameters per statement
                               "itens lidos por página (1 a 2000); uma solicitação nunca é "
                               "dividida entre páginas", group="reading")
-    monitor_name: str = setting("MONITOR_NAME", "bemsoft", Text(max_length=90),
-                                "nome da linha de checkpoint em `_MonitorState` (um por monitor)",
+    # '#' is reserved: "#schema" (migrations) and "<name>#inicio" are _MonitorState rows too;
+    # MONITOR_NAME=#schema read the schema version as its checkpoint and skipped items
+    monitor_name: str = setting("MONITOR_NAME", "bemsoft", Text(
+                                    max_length=90, forbidden="#",
+                                    why="reservado às linhas internas de _MonitorState, como "
+                                        "'#schema' e '<nome>#inicio'"),
+                                "nome da linha de checkpoint em `_MonitorState` (um por monitor; "
+                                "sem `#`)",
                                 group="reading")
     timezone: str = setting("TIMEZONE", "America/Sao_Paulo", Zone(), "fuso das datas do "
                             "sistema legado", group="reading")

@@ -56,12 +56,19 @@ class Kind:
 
 
 class Text(Kind):
-    def __init__(self, max_length: int | None = None):
+    """`forbidden`: characters the value may not hold, and why (pt-BR)."""
+
+    def __init__(self, max_length: int | None = None, forbidden: str = "", why: str = ""):
         self.max_length = max_length
+        self.forbidden, self.why = forbidden, why
 
     def parse(self, key, text, base_dir):
         if self.max_length is not None and len(text) > self.max_length:
             raise ConfigError(key, f"deve ter no máximo {self.max_length} caracteres")
+        bad = sorted({c for c in text if c in self.forbidden})
+        if bad:
+            raise ConfigError(key, f"não pode conter {' '.join(repr(c) for c in bad)}"
+                              + (f" ({self.why})" if self.why else ""))
         return text
 
 

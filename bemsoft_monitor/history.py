@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from .client import Verdict
 from .payload import external_token
+from .reasons import reason_group
 from .redaction import redact
 from .schema import HistoryEvent, ItemStatus, monitor_history
 
@@ -96,7 +97,10 @@ class History:
         if latency_ms is not None:
             common["LatencyMs"] = latency_ms
         if reason is not None:
-            common["Reason"] = redact(reason, self.settings, one_line=True)[:1000]
+            # the reason's group only: what follows its first ': ' may echo the API's answer
+            # or the LIS (a patient's name, CPF or birth date), and this table keeps it for
+            # HISTORY_DAYS; the whole answer stays in the failure file
+            common["Reason"] = reason_group(redact(reason, self.settings, one_line=True))[:1000]
         if file_name is not None:
             common["FileName"] = file_name[:255]
         codes = tuple(codes) or (None,) * len(item_ids)

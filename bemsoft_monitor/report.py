@@ -17,6 +17,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from .schema import HistoryEvent as E, monitor_history
+from .visible import visible
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,8 @@ FAILED = {E.FAILED: "falhou", E.GAVE_UP: "falhou (desistiu após falhas seguidas
 OUTCOMES = {**DELIVERED, **FAILED}
 HEADER = ["Data e hora", "Solicitação", "Item", "Código do exame", "Chave", "HTTP", "Resultado"]
 MONEY = ("Valor", "VlTerceirizado")   # ItemSol columns a lab reconciles with, when it has them
+MIN_YEAR, MAX_YEAR = 1900, 9998      # a period's years (its UTC bounds stay in datetime's range)
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 CHUNK = 1000                          # ids per lookup (SQL Server: at most 2100 parameters)
 
 
@@ -50,16 +53,18 @@ def parse_period(text: str) -> Period:
     """`AAAA-MM-DD` (a day) or `AAAA-MM` (a month)."""
     text = (text or "").strip()
     try:
-        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        # ASCII digits only (\d takes "２０２６"); years that leave room for any TIMEZONE
+        # (9999-12-31 overflowed datetime: a traceback instead of this message)
+        if re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", text) and MIN_YEAR <= int(text[:4]) <= MAX_YEAR:
             day = dt.date.fromisoformat(text)
             start = dt.datetime.combine(day, dt.time())
             return Period(text, start, start + dt.timedelta(days=1))
-        if re.fullmatch(r"\d{4}-\d{2}", text):
+        if re.fullmatch(r"[0-9]{4}-[0-9]{2}", text) and MIN_YEAR <= int(text[:4]) <= MAX_YEAR:
             year, month = int(text[:4]), int(text[5:])
             start = dt.datetime(year, month, 1)
             end = dt.datetime(year + month // 12, month % 12 + 1, 1)
             return Period(text, start, end)
-    except ValueError:
+    except (ValueError, OverflowError):
         pass
     raise PeriodError(f"período inválido {text!r}: use AAAA-MM-DD (um dia, ex.: 2026-11-28) "
                       "ou AAAA-MM (um mês, ex.: 2026-11)")
@@ -102,9 +107,10 @@ def money_statement(columns: list[str], item_ids):
 
 
 def cell(value) -> str:
-    """Text for Excel: a code that starts like a formula is not run as one."""
+    """Text for Excel: a code that starts like a formula is not run as one (OWASP's list:
+    a tab or a carriage return before the `=` counts too; the history keeps a code's tab)."""
     text = "" if value is None else str(value)
-    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
+    return "'" + text if text[:1] in FORMULA_START else text
 
 
 def money(value) -> str:
@@ -112,8 +118,8 @@ def money(value) -> str:
         return ""
     try:
         amount = decimal.Decimal(str(value)).quantize(decimal.Decimal("0.01"))
-    except decimal.InvalidOperation:
-        return cell(value)
+    except decimal.InvalidOperation:   # a text column in some LIS: shown, never run
+        return cell(visible(str(value), one_line=True))
     return f"{amount}".replace(".", ",")   # pt-BR decimal comma
 
 

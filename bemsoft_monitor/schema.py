@@ -115,7 +115,7 @@ monitor_history = sa.Table(
     sa.Column("IdemKey", sa.String(100), nullable=True),
     sa.Column("HttpStatus", sa.Integer, nullable=True),
     sa.Column("LatencyMs", sa.Integer, nullable=True),
-    sa.Column("Reason", sa.Unicode(1000), nullable=True),     # after redaction
+    sa.Column("Reason", sa.Unicode(1000), nullable=True),     # reasons.reason_group(redacted): no patient data
     sa.Column("FileName", sa.Unicode(255), nullable=True),    # failure file name (no folder)
     sa.Index("IX_MonitorHistory_Sol", "Name", "CodSolicitacao"),
     sa.Index("IX_MonitorHistory_Item", "Name", "CodItemSol"),

@@ -14,6 +14,7 @@ trickling its CONNECT answer cannot hold a sender either (issue 17 §9)."""
 from __future__ import annotations
 
 import logging
+import re
 import select
 import socket
 import ssl
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 BODY_CAP = 1024 * 1024       # bytes of an answer read at most; the rest is discarded
 HEAD_CAP = 64 * 1024         # status line and headers of one answer
 READ_CHUNK = 64 * 1024
+# a chunk size is hex digits only: int(x, 16) also takes "-10", "+10", "0x10" and "1_0", and a
+# negative size moved the byte count back past the cap
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_STATUS = re.compile(r"[1-5][0-9]{2}")
 USER_AGENT = "bemsoft-monitor"
 
 
@@ -309,12 +314,10 @@ def _receive(conn: _Conn, method: str, cap: int, deadline: float) -> tuple[Answe
         return Answer(status, body, retry_after, truncated), keep and not truncated
     length = headers.get("content-length")
     if length is not None:
-        try:
-            size = int(length.split(",")[0].strip())
-        except ValueError:
-            raise BadAnswer(f"Content-Length inválido: {length[:40]!r}") from None
-        if size < 0:
+        first = length.split(",")[0].strip()
+        if not (first.isascii() and first.isdigit()):   # int() takes "+5", "1_0", " 5"
             raise BadAnswer(f"Content-Length inválido: {length[:40]!r}")
+        size = int(first)
         body, truncated = _read_exactly(conn, size, cap, deadline)
         return Answer(status, body, retry_after, truncated), keep and not truncated
     body, truncated = _read_to_close(conn, cap, deadline)
@@ -337,7 +340,9 @@ def _read_head(conn: _Conn, deadline: float) -> tuple[int, str, dict]:
     head, conn.buf = buf[:end].decode("latin-1"), buf[end + 4:]
     lines = head.split("\r\n")
     parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+    # three ASCII digits, 100-599: isdigit() takes "²⁰¹" (int() then raised ValueError, an
+    # "unexpected error" made the order a permanent failure) and "000" was judged permanent
+    if (len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not _STATUS.fullmatch(parts[1])):
         raise BadAnswer(f"linha de status inválida: {lines[0][:80]!r}")
     headers = {}
     for line in lines[1:]:
@@ -396,10 +401,10 @@ def _read_chunked(conn: _Conn, cap: int, deadline: float) -> tuple[bytes, bool]:
     chunks, size = [], 0
     while True:
         line = _read_line(conn, deadline)
-        try:
-            length = int(line.split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            raise BadAnswer("tamanho de bloco (chunked) inválido") from None
+        digits = line.split(b";", 1)[0].strip()
+        if not _CHUNK_SIZE.fullmatch(digits):
+            raise BadAnswer("tamanho de bloco (chunked) inválido")
+        length = int(digits, 16)
         if length == 0:
             while _read_line(conn, deadline):   # trailers, up to the empty line
                 pass

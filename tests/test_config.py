@@ -63,6 +63,7 @@ def assert_one_line_naming(err: ConfigError, key: str) -> None:
     ("DB_QUERY_TIMEOUT", "4000"), ("HEALTH_MAX_AGE", "0"), ("BEMSOFT_TESTS_TTL", "0"),
     ("METRICS_PORT", "70000"), ("METRICS_PORT", "porta"), ("METRICS_PORT", "0"),
     ("LOG_LEVEL", "VERBOSE"), ("MONITOR_NAME", "m" * 91),
+    ("MONITOR_NAME", "#schema"), ("MONITOR_NAME", "bemsoft#inicio"),   # rows of their own
     ("DATABASE_URL", "banco_legado"),
 ])
 def test_bad_value_is_one_line_naming_the_key(key, value):

@@ -274,3 +274,65 @@ def test_a_refused_token_is_an_attempt_written_at_exit(harness):
     rows = [(r[0], r[1], r[3]) for r in history(harness.engine)]
     assert rows[:2] == [(ids[0], E.SENDING, None), (ids[0], E.DELIVERED, 201)]
     assert [(e, s) for _, e, s in rows[2:]] == [(E.SENDING, None), (E.ATTEMPT, 401)]
+
+
+def test_no_patient_data_in_the_history_reasons(harness):
+    """A 400 that echoes the patient, and a data problem naming the patient: the history keeps
+    the reason's group (what went wrong), never the name, CPF or birth date (kept 400 days)."""
+    harness.order(700, ["GLI"], patient={"nome": "Maria Joana Silva", "cpf": "987.654.321-00"})
+    harness.api.fail_next(1, status=400, body={
+        "error": "paciente Maria Joana Silva CPF 98765432100 nascida em 1980-01-02: invalido"})
+    harness.order(701, ["TSH"], patient={"nome": "Jose", "datanasc": None, "cpf": "111.222.333-44"})
+    harness.monitor(DEFAULT_BIRTHDATE="").run("drain")
+    h = monitor_history
+    engine = harness.engine.execution_options(schema_translate_map=monitor_schema_map(harness.engine.dialect.name))
+    with engine.connect() as conn:
+        reasons = [r for (r,) in conn.execute(sa.select(h.c.Reason).where(h.c.Reason.is_not(None)))]
+    assert len(reasons) == 2, reasons
+    assert any("HTTP 400" in r for r in reasons) and any("data de nascimento" in r for r in reasons)
+    text = " ".join(reasons)
+    for private in ("Maria", "Silva", "98765432100", "987.654.321-00", "1980-01-02", "pat-"):
+        assert private not in text, reasons
+
+
+@pytest.mark.parametrize("period", ["", "9999-12-31", "\uff12\uff10\uff12\uff16-\uff11\uff11", "0001-01-01"])
+def test_report_refuses_an_odd_period_with_exit_2(legacy, env_file, period):
+    """`--report ""` (an empty variable in a script) started the monitor itself; 9999-12-31
+    overflowed datetime (a traceback); full-width digits were taken for 2026-11."""
+    from conftest import run
+    done = run("monitor_bemsoft.py", "--env-file", str(env_file), "--report", period, timeout=20)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"período inválido {period!r}: use AAAA-MM-DD" in done.stderr
+    assert done.stdout == "" and "Traceback" not in done.stderr
+
+
+def test_report_cells_starting_like_a_formula_are_text():
+    """OWASP's CSV-injection starts: = + - @ and a tab or a carriage return (a code from the
+    LIS keeps its tab in the history, so "\\t=HYPERLINK(...)" reached the CSV as is)."""
+    from bemsoft_monitor.report import cell
+    for start in ("=", "+", "-", "@", "\t", "\r"):
+        assert cell(start + "HYPERLINK(\"http://x\")") == "'" + start + "HYPERLINK(\"http://x\")"
+    assert cell("GLI") == "GLI" and cell(None) == "" and cell(" =1") == " =1"
+
+
+def test_report_shows_a_text_valor_with_its_control_characters_escaped(tmp_path, settings_factory):
+    """A LIS whose Valor is text: what is not a number goes to the CSV (and to the terminal,
+    without --output) with control characters made visible and formulas inert."""
+    import io
+    from bemsoft_monitor.migrations import upgrade
+    from bemsoft_monitor.report import parse_period, write_report
+    url = f"sqlite:///{tmp_path / 'lis.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE ItemSol (CodItemSol INTEGER PRIMARY KEY, Valor TEXT)")
+        conn.exec_driver_sql("INSERT INTO ItemSol VALUES (5, ?)", ("\x1b]0;x\x07=1+1\nz",))
+    upgrade(engine.execution_options(schema_translate_map=monitor_schema_map("sqlite")))
+    with engine.execution_options(schema_translate_map=monitor_schema_map("sqlite")).begin() as conn:
+        conn.execute(monitor_history.insert(), [{
+            "Name": "bemsoft", "At": dt.datetime(2026, 11, 28, 15), "CodSolicitacao": "9",
+            "CodItemSol": 5, "Event": E.DELIVERED, "HttpStatus": 201, "IdemKey": "sol-9-x"}])
+    out = io.StringIO()
+    write_report(settings_factory(url), engine, parse_period("2026-11-28"), out)
+    import csv
+    row = list(csv.reader(io.StringIO(out.getvalue()), delimiter=";"))[1]
+    assert row[-2:] == ["entregue", "\\x1b]0;x\\x07=1+1\\nz"] and "\x1b" not in out.getvalue()

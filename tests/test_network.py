@@ -333,6 +333,40 @@ def test_a_huge_body_is_capped_and_its_connection_dropped(tmp_path):
         assert fake.connections == 2
 
 
+@pytest.mark.parametrize("size", [b"-10000", b"+10000", b"0x10000", b"1_0000"])
+def test_a_chunk_size_that_is_not_plain_hex_is_refused(tmp_path, size):
+    """A negative chunk size moved the byte count back, so the body grew past BODY_CAP
+    (2.5 MiB read with a 1 MiB cap); sizes are hex digits only."""
+    piece = b"A" * 65536
+    body = b"".join(b"%x\r\n" % len(piece) + piece + b"\r\n" + size + b"\r\n\r\n"
+                    for _ in range(40)) + b"0\r\n\r\n"
+    answer = b"HTTP/1.1 503 X\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+    with ScriptedServer(answer) as server:
+        client = make_client(tmp_path, f"http://127.0.0.1:{server.port}")
+        try:
+            delivery = client.deliver({"batch": {}}, "sol-1-abc")
+        finally:
+            client.close()
+    assert delivery.outcome == Verdict.TRANSIENT and delivery.status is None
+    assert "tamanho de bloco (chunked) inválido" in delivery.reason
+
+
+@pytest.mark.parametrize("status", ["\u00b2\u00b9\u00b9", "000", "099", "2011", "600"])
+def test_a_status_that_is_not_three_digits_in_range_is_a_bad_answer(tmp_path, status):
+    """A status in superscript digits passed isdigit() and int() raised ValueError: the order
+    became a permanent failure ("erro inesperado"), as did HTTP 000. Something answered, not
+    in HTTP: transient, sent again under the same key."""
+    answer = f"HTTP/1.1 {status} OK\r\nContent-Length: 2\r\n\r\n{{}}".encode("latin-1")
+    with ScriptedServer(answer) as server:
+        client = make_client(tmp_path, f"http://127.0.0.1:{server.port}")
+        try:
+            delivery = client.deliver({"batch": {}}, "sol-1-abc")
+        finally:
+            client.close()
+    assert delivery.outcome == Verdict.TRANSIENT and delivery.status is None, delivery
+    assert "linha de status inválida" in delivery.reason
+
+
 def test_huge_2xx_body_is_not_taken_for_a_delivery(tmp_path):
     huge = json.dumps({"id": "x" * (2 * BODY_CAP)})
     with FakeBemsoft(token=TOKEN) as fake:
