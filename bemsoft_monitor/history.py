@@ -77,6 +77,9 @@ class History:
         self.enabled = not settings.dry_run and self.days > 0
         self.queued: list[dict] = []
         self._codes: dict = {}    # exam code -> its redacted form (codes repeat a lot)
+        # key -> (status, reason) of its last ATTEMPT row: a long outage repeats the same
+        # answer every probe; it is written once, not once a probe, until the key settles
+        self._last_attempt: dict[str, tuple] = {}
         self._next_prune = 0.0
 
     # ------------------------------------------------------------------ rows
@@ -134,6 +137,7 @@ class History:
         if not self.enabled:
             return rows
         for o in outcomes:
+            self._last_attempt.pop(o.key, None)
             if o.event is not None:
                 rows += self.rows(o.item_ids, o.cod, o.key, o.event, codes=o.exam_codes,
                                   http_status=o.http_status, latency_ms=o.latency_ms,
@@ -146,6 +150,10 @@ class History:
         if not self.enabled or job.delivery is None:
             return
         delivery = job.delivery
+        answer = (delivery.status, delivery.reason)
+        if self._last_attempt.get(job.key) == answer:
+            return
+        self._last_attempt[job.key] = answer
         rows = self.job_rows(job, HistoryEvent.ATTEMPT, http_status=delivery.status,
                              latency_ms=round(delivery.duration * 1000), reason=delivery.reason)
         if len(self.queued) + len(rows) <= MAX_QUEUED:

@@ -283,4 +283,6 @@ class Monitor:
                 log.error("Não foi possível registrar os últimos resultados (%s); serão "
                           "reenviados com a mesma chave na próxima execução.", short_error(err))
         self.records.flush_history()
+        if mode != "loop" and not db_down:  # a scheduled --once/--drain prunes too (one batch)
+            self.history.prune(self.source.engine, self.clock())
         return 0

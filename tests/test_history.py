@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from bemsoft_monitor.db import monitor_schema_map
-from bemsoft_monitor.history import History
+from bemsoft_monitor.history import History, utcnow
 from bemsoft_monitor.payload import idempotency_key
 from bemsoft_monitor.schema import HistoryEvent as E, monitor_history
 
@@ -59,6 +59,41 @@ def test_transient_answers_are_attempts_then_delivered(harness):
     monitor.run("drain")
     assert [(i, e, s) for i, e, _, s, _, _ in history(harness.engine)] == [
         (ids[0], E.SENDING, None), (ids[0], E.ATTEMPT, 503), (ids[0], E.DELIVERED, 201)]
+
+
+def test_a_long_outage_writes_one_attempt_per_answer_not_one_per_probe(harness):
+    from test_api_behaviour import FAST, fast_clocks
+
+    ids = harness.order(9, ["GLI"])
+    monitor = fast_clocks(harness, harness.monitor(BEMSOFT_RETRIES="0", **FAST))
+    harness.api.fail_next(3, status=503)
+    for _ in range(3):                                  # three probes, the same answer
+        monitor.step()
+        monitor.skip_pause()
+    harness.api.fail_next(1, status=502)
+    monitor.step()
+    monitor.skip_pause()
+    monitor.step()
+    monitor.finish()
+    got = [(i, e, s) for i, e, _, s, _, _ in history(harness.engine)]
+    # the same 503 three times is one row; the 502 that follows is a new answer
+    assert got == [(ids[0], E.SENDING, None), (ids[0], E.ATTEMPT, 503), (ids[0], E.ATTEMPT, 502),
+                   (ids[0], E.DELIVERED, 201)], got
+
+
+def test_a_scheduled_once_run_prunes_old_history_too(harness):
+    harness.order(610, ["GLI"])
+    monitor = harness.monitor(HISTORY_DAYS="30")
+    monitor.run("once")
+    h = monitor_history
+    engine = monitor.source.engine
+    old = utcnow() - dt.timedelta(days=31)
+    with engine.begin() as conn:
+        conn.execute(h.insert(), [{"Name": "bemsoft", "At": old, "CodSolicitacao": "1",
+                                   "CodItemSol": 1, "Event": E.DELIVERED}])
+    harness.monitor(HISTORY_DAYS="30").run("once")      # a new process, as the Task Scheduler runs it
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).where(h.c.At < old + dt.timedelta(days=1))).scalar() == 0
 
 
 def test_dry_run_writes_no_history(harness):
@@ -113,7 +148,8 @@ def test_replay_without_the_database_still_replays(legacy, env_file, tmp_path):
 def test_pruning_by_age_at_the_boundary(harness):
     harness.order(600, ["GLI"])
     monitor = harness.monitor(HISTORY_DAYS="30")
-    monitor.run("drain")
+    monitor.run("drain")                                 # (its exit prunes: nothing old yet)
+    pruner = History(monitor.settings)                   # a new process's, not yet due
     now = dt.datetime(2026, 12, 1, 12, 0, 0)
     cutoff = now - dt.timedelta(days=30)
     h = monitor_history
@@ -126,17 +162,17 @@ def test_pruning_by_age_at_the_boundary(harness):
             for n, at in enumerate(ages * 3)]
             + [{"Name": "outro", "At": ages[0], "CodSolicitacao": "1", "CodItemSol": 99,
                 "Event": E.DELIVERED}])
-    pruned = monitor.history.prune(engine, clock=0.0, batch=2, now=now)
+    pruned = pruner.prune(engine, clock=0.0, batch=2, now=now)
     assert pruned == 2                                   # a small batch, oldest first
-    assert monitor.history.prune(engine, clock=0.0, batch=2, now=now) == 1
-    assert monitor.history.prune(engine, clock=0.0, batch=2, now=now) == 0
+    assert pruner.prune(engine, clock=0.0, batch=2, now=now) == 1
+    assert pruner.prune(engine, clock=0.0, batch=2, now=now) == 0
     with engine.connect() as conn:
         left = sorted((r.Name, r.At) for r in conn.execute(sa.select(h.c.Name, h.c.At)))
     # exactly 30 days old stays; another monitor's rows are not this one's to prune
     assert left == sorted([("bemsoft", cutoff)] * 3 + [("bemsoft", ages[2])] * 3
                           + [("outro", ages[0])])
     # once it found nothing, the next prune waits a minute (it runs only when idle anyway)
-    assert monitor.history.prune(engine, clock=30.0, now=now + dt.timedelta(days=1)) == 0
+    assert pruner.prune(engine, clock=30.0, now=now + dt.timedelta(days=1)) == 0
 
 
 def test_report_csv_for_a_day_and_a_month(harness, tmp_path):
