@@ -140,3 +140,31 @@ def test_a_search_while_the_database_is_unreachable_costs_the_search_only(tmp_pa
     page = console.page("busca=43335")
     assert page["busca"].error.startswith("não foi possível consultar o banco agora (")
     assert page["estado"].banner.text and "não foi possível consultar o banco agora" in console.render("busca=43335")
+
+
+def test_one_console_search_at_a_time_on_the_monitors_connections(tmp_path):
+    """A slow search holds one of the monitor's connections; a second one at the same time
+    is told to try again instead of taking another."""
+    import threading
+    from test_console import settings_for
+    from bemsoft_monitor.console import BUSY
+
+    settings = settings_for(tmp_path)
+    started, release = threading.Event(), threading.Event()
+    searched = []
+
+    def slow_search(text):          # what the console is given: any callable text -> story
+        searched.append(text)
+        started.set()
+        release.wait(10)
+        raise RuntimeError("banco lento")
+
+    console = Console(StatusBoard(tz=settings.tz), settings, trace=slow_search)
+    first = threading.Thread(target=console.page, args=("busca=43335",))
+    first.start()
+    assert started.wait(10)
+    assert console.page("busca=43336")["busca"].error == BUSY
+    release.set()
+    first.join(10)
+    assert searched == ["43335"]
+    assert "banco lento" in console.page("busca=1")["busca"].error    # free again

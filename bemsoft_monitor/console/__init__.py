@@ -12,12 +12,14 @@ solicitation code, items and status. The console imports neither the loop nor th
 """
 from __future__ import annotations
 
+import threading
 from typing import Mapping
 from urllib.parse import parse_qs
 
 from ..config import Settings
 from ..redaction import redact
 from ..status import StatusBoard
+from ..trace import QueryError
 from .access import authorized
 from .markup import render_page
 from .page import Page, build_page
@@ -35,7 +37,7 @@ class Console:
         `trace`: what answers the search (a `trace.Tracer` on the monitor's database)."""
         self.board, self.settings = board, settings
         self.alerts = alerts
-        self.trace = trace
+        self.trace = one_search_at_a_time(trace)
         self.env_file = env_file
         self.scan = scan or FailureScan(settings.failed_dir)
         self.panels = panels
@@ -55,6 +57,27 @@ class Console:
 
     def authorized(self, headers: Mapping[str, str], query: str) -> bool:
         return authorized(self.settings.status_token, headers, query)
+
+
+BUSY = ("outra busca está em andamento no painel; tente de novo em alguns segundos "
+        "(ou use python monitor_bemsoft.py --trace)")
+
+
+def one_search_at_a_time(trace):
+    """The search on the monitor's own database connections: one at a time, so that many
+    searches (or a slow database) never take the connections the deliveries need."""
+    if trace is None:
+        return None
+    lock = threading.Lock()
+
+    def search(text: str):
+        if not lock.acquire(blocking=False):
+            raise QueryError(BUSY)
+        try:
+            return trace(text)
+        finally:
+            lock.release()
+    return search
 
 
 __all__ = ["Console"]
