@@ -234,24 +234,36 @@ def io_text(raw: bytes):
     return io.StringIO(raw.decode("utf-8-sig"), newline="")
 
 
-def test_report_without_valor_columns_in_the_lis(tmp_path, settings_factory):
-    import csv
+def report_of_one_row(tmp_path, settings_factory, item_sol_ddl: str, item_sol_row: tuple,
+                      event: str, status: int) -> str:
+    """The CSV of 28/11/2026 from a bare LIS (ItemSol as `item_sol_ddl`, one row) and one
+    history row for item 5 of solicitation 9."""
     import io
     from bemsoft_monitor.migrations import upgrade
     from bemsoft_monitor.report import parse_period, write_report
     url = f"sqlite:///{tmp_path / 'lis.db'}"
     engine = sa.create_engine(url)
     with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE ItemSol (CodItemSol INTEGER PRIMARY KEY, CodSolicitacao INT)")
-        conn.exec_driver_sql("INSERT INTO ItemSol VALUES (5, 9)")
-    upgrade(engine.execution_options(schema_translate_map=monitor_schema_map("sqlite")))
-    with engine.execution_options(schema_translate_map=monitor_schema_map("sqlite")).begin() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE ItemSol ({item_sol_ddl})")
+        conn.exec_driver_sql("INSERT INTO ItemSol VALUES (?, ?)", item_sol_row)
+    monitor = engine.execution_options(schema_translate_map=monitor_schema_map("sqlite"))
+    upgrade(monitor)
+    with monitor.begin() as conn:
         conn.execute(monitor_history.insert(), [{
             "Name": "bemsoft", "At": dt.datetime(2026, 11, 28, 15), "CodSolicitacao": "9",
-            "CodItemSol": 5, "Event": E.DUPLICATE, "HttpStatus": 409, "IdemKey": "sol-9-x"}])
+            "CodItemSol": 5, "Event": event, "HttpStatus": status, "IdemKey": "sol-9-x"}])
     out = io.StringIO()
     write_report(settings_factory(url), engine, parse_period("2026-11-28"), out)
-    assert list(csv.reader(io.StringIO(out.getvalue()), delimiter=";")) == [
+    return out.getvalue()
+
+
+def test_report_without_valor_columns_in_the_lis(tmp_path, settings_factory):
+    import csv
+    import io
+    text = report_of_one_row(tmp_path, settings_factory,
+                             "CodItemSol INTEGER PRIMARY KEY, CodSolicitacao INT", (5, 9),
+                             E.DUPLICATE, 409)
+    assert list(csv.reader(io.StringIO(text), delimiter=";")) == [
         ["Data e hora", "Solicitação", "Item", "Código do exame", "Chave", "HTTP", "Resultado"],
         ["28/11/2026 12:00:00", "9", "5", "", "sol-9-x", "409", "entregue (já recebido, 409)"],
         ["Totais", "1 solicitação", "1 linha", "entregues: 1", "falhas: 0"]]
@@ -354,21 +366,9 @@ def test_report_cells_starting_like_a_formula_are_text():
 def test_report_shows_a_text_valor_with_its_control_characters_escaped(tmp_path, settings_factory):
     """A LIS whose Valor is text: what is not a number goes to the CSV (and to the terminal,
     without --output) with control characters made visible and formulas inert."""
-    import io
-    from bemsoft_monitor.migrations import upgrade
-    from bemsoft_monitor.report import parse_period, write_report
-    url = f"sqlite:///{tmp_path / 'lis.db'}"
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE ItemSol (CodItemSol INTEGER PRIMARY KEY, Valor TEXT)")
-        conn.exec_driver_sql("INSERT INTO ItemSol VALUES (5, ?)", ("\x1b]0;x\x07=1+1\nz",))
-    upgrade(engine.execution_options(schema_translate_map=monitor_schema_map("sqlite")))
-    with engine.execution_options(schema_translate_map=monitor_schema_map("sqlite")).begin() as conn:
-        conn.execute(monitor_history.insert(), [{
-            "Name": "bemsoft", "At": dt.datetime(2026, 11, 28, 15), "CodSolicitacao": "9",
-            "CodItemSol": 5, "Event": E.DELIVERED, "HttpStatus": 201, "IdemKey": "sol-9-x"}])
-    out = io.StringIO()
-    write_report(settings_factory(url), engine, parse_period("2026-11-28"), out)
     import csv
-    row = list(csv.reader(io.StringIO(out.getvalue()), delimiter=";"))[1]
-    assert row[-2:] == ["entregue", "\\x1b]0;x\\x07=1+1\\nz"] and "\x1b" not in out.getvalue()
+    import io
+    text = report_of_one_row(tmp_path, settings_factory, "CodItemSol INTEGER PRIMARY KEY, Valor TEXT",
+                             (5, "\x1b]0;x\x07=1+1\nz"), E.DELIVERED, 201)
+    row = list(csv.reader(io.StringIO(text), delimiter=";"))[1]
+    assert row[-2:] == ["entregue", "\\x1b]0;x\\x07=1+1\\nz"] and "\x1b" not in text

@@ -333,6 +333,16 @@ def test_a_huge_body_is_capped_and_its_connection_dropped(tmp_path):
         assert fake.connections == 2
 
 
+def deliver_to_script(tmp_path, answer: bytes):
+    """One delivery to a server that answers `answer` (raw bytes) to every request."""
+    with ScriptedServer(answer) as server:
+        client = make_client(tmp_path, f"http://127.0.0.1:{server.port}")
+        try:
+            return client.deliver({"batch": {}}, "sol-1-abc")
+        finally:
+            client.close()
+
+
 @pytest.mark.parametrize("size", [b"-10000", b"+10000", b"0x10000", b"1_0000"])
 def test_a_chunk_size_that_is_not_plain_hex_is_refused(tmp_path, size):
     """A negative chunk size moved the byte count back, so the body grew past BODY_CAP
@@ -341,12 +351,7 @@ def test_a_chunk_size_that_is_not_plain_hex_is_refused(tmp_path, size):
     body = b"".join(b"%x\r\n" % len(piece) + piece + b"\r\n" + size + b"\r\n\r\n"
                     for _ in range(40)) + b"0\r\n\r\n"
     answer = b"HTTP/1.1 503 X\r\nTransfer-Encoding: chunked\r\n\r\n" + body
-    with ScriptedServer(answer) as server:
-        client = make_client(tmp_path, f"http://127.0.0.1:{server.port}")
-        try:
-            delivery = client.deliver({"batch": {}}, "sol-1-abc")
-        finally:
-            client.close()
+    delivery = deliver_to_script(tmp_path, answer)
     assert delivery.outcome == Verdict.TRANSIENT and delivery.status is None
     assert "tamanho de bloco (chunked) inválido" in delivery.reason
 
@@ -357,12 +362,7 @@ def test_a_status_that_is_not_three_digits_in_range_is_a_bad_answer(tmp_path, st
     became a permanent failure ("erro inesperado"), as did HTTP 000. Something answered, not
     in HTTP: transient, sent again under the same key."""
     answer = f"HTTP/1.1 {status} OK\r\nContent-Length: 2\r\n\r\n{{}}".encode("latin-1")
-    with ScriptedServer(answer) as server:
-        client = make_client(tmp_path, f"http://127.0.0.1:{server.port}")
-        try:
-            delivery = client.deliver({"batch": {}}, "sol-1-abc")
-        finally:
-            client.close()
+    delivery = deliver_to_script(tmp_path, answer)
     assert delivery.outcome == Verdict.TRANSIENT and delivery.status is None, delivery
     assert "linha de status inválida" in delivery.reason
 
