@@ -220,7 +220,7 @@ class _DeadlineSocket(io.RawIOBase):
 
 def start_metrics_server(monitor, port: int, max_age: float, host: str = "127.0.0.1", *,
                          console=None, request_timeout: float = 10.0, max_connections: int = 16,
-                         per_client: int = 4, reserved_for_loopback: int = 2,
+                         per_client: int = 8, reserved_for_loopback: int = 2,
                          require_token: bool | None = None):
     """Serve /metrics and /healthz (and, given a `console`, the operator page at /) in a
     daemon thread; returns the server (call shutdown()).

@@ -80,7 +80,7 @@ def test_slow_clients_from_one_address_cannot_shut_out_the_others(harness):
     base = f"http://127.0.0.1:{server.server_port}"
     try:
         try:
-            attack = Trickler(("127.0.0.1", server.server_port), 8, source="127.0.0.2")
+            attack = Trickler(("127.0.0.1", server.server_port), 12, source="127.0.0.2")
         except OSError as err:  # a system without the 127.0.0.0/8 loopback range
             pytest.skip(f"127.0.0.2 indisponível: {err}")
         try:
@@ -88,9 +88,9 @@ def test_slow_clients_from_one_address_cannot_shut_out_the_others(harness):
             assert get(base + "/", **{"X-Status-Token": STATUS_TOKEN})[0] == 200
             status, body = get(base + "/metrics")
             assert status == 200 and b"bemsoft_checkpoint" in body
-            # answered while the attack goes on: 4 of its connections held, the rest refused
+            # answered while the attack goes on: 8 of its connections held, the rest refused
             assert attack.thread.is_alive()
-            assert sorted(closed_by_server(s) for s in attack.sockets) == [False] * 4 + [True] * 4
+            assert sorted(closed_by_server(s) for s in attack.sockets) == [False] * 8 + [True] * 4
         finally:
             attack.close()
     finally:
@@ -112,6 +112,29 @@ def test_a_request_has_one_deadline_for_all_of_it(harness):
             assert sent < 400, "the server waited for the whole trickled head"
         assert get(f"http://127.0.0.1:{server.server_port}/healthz")[0] == 503   # still serving
     finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_browser_and_a_local_scrape_fit_in_one_address_slots(harness):
+    """A browser keeps up to 6 connections to one host open between page loads (Chromium's
+    pool): with 4 per address, the seventh request from this machine was closed unanswered."""
+    monitor = harness.monitor()
+    monitor.step()
+    server = start_metrics_server(monitor, 0, max_age=60,
+                                  console=Console(monitor.status, monitor.settings))
+    idle = []
+    try:
+        for _ in range(6):                     # idle keep-alive connections, as a browser leaves them
+            sock = socket.create_connection(("127.0.0.1", server.server_port), timeout=5)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(12).startswith(b"HTTP/1.1")
+            idle.append(sock)
+        status, body = get(f"http://127.0.0.1:{server.server_port}/metrics")
+        assert status == 200 and b"bemsoft_checkpoint" in body
+    finally:
+        for sock in idle:
+            sock.close()
         server.shutdown()
         server.server_close()
 
