@@ -97,10 +97,18 @@ class FailureStore:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     @staticmethod
-    def filename(record: FailureRecord, now: dt.datetime) -> str:
-        safe_cod = re.sub(r"[^0-9A-Za-z_-]", "_", record.cod)[:40] or "sem_cod"
-        safe_key = re.sub(r"[^0-9A-Za-z_-]", "_", record.key)[-24:]
-        return f"{now:%Y%m%dT%H%M%S}Z_{safe_cod}_{safe_key}.json"
+    def cod_part(cod: str) -> str:
+        """How a solicitation code appears in its failure files' names."""
+        return re.sub(r"[^0-9A-Za-z_-]", "_", cod)[:40] or "sem_cod"
+
+    @staticmethod
+    def key_part(key: str) -> str:
+        """How an Idempotency-Key ends its failure file's name."""
+        return re.sub(r"[^0-9A-Za-z_-]", "_", key)[-24:]
+
+    @classmethod
+    def filename(cls, record: FailureRecord, now: dt.datetime) -> str:
+        return f"{now:%Y%m%dT%H%M%S}Z_{cls.cod_part(record.cod)}_{cls.key_part(record.key)}.json"
 
     def write(self, record: FailureRecord) -> Path:
         """Atomic write (temp file + fsync + rename), mode 0600. Raises FailureWriteError."""
@@ -137,14 +145,13 @@ class FailureStore:
 
     def key_file(self, key: str) -> Path | None:
         """The failure file written under `key`, if any (the newest)."""
-        safe_key = re.sub(r"[^0-9A-Za-z_-]", "_", key)[-24:]
-        found = [p for p in self.files() if p.name.endswith(f"_{safe_key}.json")]
+        ending = f"_{self.key_part(key)}.json"
+        found = [p for p in self.files() if p.name.endswith(ending)]
         return found[-1] if found else None
 
     def has_key(self, key: str) -> bool:
         """A failure file for this Idempotency-Key already exists (written before a crash)."""
-        safe_key = re.sub(r"[^0-9A-Za-z_-]", "_", key)[-24:]
-        return any(p.name.endswith(f"_{safe_key}.json") for p in self.files())
+        return self.key_file(key) is not None
 
     @staticmethod
     def load(path: Path) -> FailureRecord:

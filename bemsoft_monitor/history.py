@@ -12,10 +12,12 @@ from typing import Iterable, Sequence
 import sqlalchemy as sa
 
 from .client import Verdict
+from .db import first_line
 from .payload import external_token
 from .reasons import reason_group
 from .redaction import redact
 from .schema import HistoryEvent, ItemStatus, monitor_history
+from .source import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -23,22 +25,14 @@ PRUNE_BATCH = 1000      # rows per DELETE: short, never holds a send
 MAX_QUEUED = 50_000     # ATTEMPT rows kept in memory for the next write, at most
 
 
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-
-
 def exam_codes(event: dict | None, item_ids: Sequence[int]) -> tuple:
     """The CodConvExames of each item (aligned with `item_ids`), as the event holds them."""
-    items = (event or {}).get("items") or ()
-    try:
-        codes = {int(item["CodItemSol"]): item.get("CodConvExames") for item in items}
-    except (KeyError, TypeError, ValueError, AttributeError):  # an odd stored event
-        codes = {}
-        for item in items:
-            try:
-                codes[int(item["CodItemSol"])] = item.get("CodConvExames")
-            except (KeyError, TypeError, ValueError, AttributeError):
-                continue
+    codes = {}
+    for item in (event or {}).get("items") or ():
+        try:
+            codes[int(item["CodItemSol"])] = item.get("CodConvExames")
+        except (KeyError, TypeError, ValueError, AttributeError):  # an odd stored event
+            continue
     return tuple(codes.get(int(i)) for i in item_ids)
 
 
@@ -50,7 +44,7 @@ def outcome_fields(job) -> dict:
         duplicate = delivery is not None and delivery.outcome == Verdict.DUPLICATE
         event = HistoryEvent.DUPLICATE if duplicate else HistoryEvent.DELIVERED
     else:
-        if getattr(job, "db_refused", False):
+        if job.db_refused:
             event = HistoryEvent.DB_REFUSED
         elif delivery is not None and delivery.outcome != Verdict.PERMANENT:
             event = HistoryEvent.GAVE_UP
@@ -226,15 +220,14 @@ class ReplayHistory:
                 schema_translate_map=monitor_schema_map(engine.dialect.name))
             connect_check(engine, settings)
             with engine.connect() as conn:
-                version = migrations.check(conn)
+                ready = migrations.has_history(conn)
         except migrations.SchemaTooNew as err:
             return cls(settings, None, str(err))
         except Exception as err:  # the replay itself does not need the database
             text = describe_connect_error(err, settings) if isinstance(err, sa.exc.DBAPIError) else str(err)
             return cls(settings, None, f"banco de dados indisponível ({text})")
-        if version is None or version < 2:
-            return cls(settings, None, "as tabelas do monitor ainda não têm o histórico "
-                                       "(inicie o monitor desta versão uma vez)")
+        if not ready:
+            return cls(settings, None, migrations.NO_HISTORY)
         return cls(settings, engine)
 
     def add(self, record, delivery, key: str, file_name: str) -> None:
@@ -251,8 +244,7 @@ class ReplayHistory:
                 conn.execute(monitor_history.insert(), rows)
             self.written += len(rows)
         except sa.exc.DBAPIError as err:
-            log.warning("Histórico do reenvio de %s não gravado (%s).", file_name,
-                        str(err).splitlines()[0] if str(err) else type(err).__name__)
+            log.warning("Histórico do reenvio de %s não gravado (%s).", file_name, first_line(err))
             self.problem = self.problem or "o banco recusou ou caiu durante a gravação"
 
     def close(self) -> None:

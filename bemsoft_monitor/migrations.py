@@ -13,11 +13,16 @@ import logging
 import sqlalchemy as sa
 
 from .schema import monitor_history, monitor_items, monitor_state
+from .source import (checkpoint_read_statement, has_monitor_tables, is_outage, save_state_row,
+                     utcnow)
 
 log = logging.getLogger(__name__)
 
 VERSION_ROW = "#schema"
 BASE_VERSION = 1       # _MonitorState and _MonitorItems as the first releases left them
+HISTORY_VERSION = 2    # _MonitorHistory
+NO_HISTORY = ("as tabelas do monitor ainda não têm o histórico (_MonitorHistory): inicie o "
+              "monitor desta versão uma vez")
 
 
 def _add_history(conn) -> None:
@@ -26,7 +31,7 @@ def _add_history(conn) -> None:
 
 
 # version -> the step that brings the version before it there (in order)
-STEPS = {2: _add_history}
+STEPS = {HISTORY_VERSION: _add_history}
 CURRENT = max(STEPS)
 
 
@@ -41,30 +46,27 @@ def too_new_message(found: int) -> str:
             "(ou a mesma das outras instalações que usam este banco) e inicie de novo.")
 
 
-def _version_statement():
-    return sa.select(monitor_state.c.LastItemId).where(monitor_state.c.Name == VERSION_ROW)
-
-
 def read_version(conn) -> int | None:
     """The recorded version; None when _MonitorState has no version row (version 1, or
     no tables yet)."""
-    value = conn.execute(_version_statement()).scalar()
+    value = conn.execute(checkpoint_read_statement(VERSION_ROW)).scalar()
     return None if value is None else int(value)
-
-
-def _has(conn, table: sa.Table) -> bool:
-    schema = "dbo" if conn.dialect.name == "mssql" else None
-    return sa.inspect(conn).has_table(table.name, schema=schema)
 
 
 def check(conn) -> int | None:
     """The version found (None: no tables yet); raises SchemaTooNew. Reads only (DRY_RUN)."""
-    if not _has(conn, monitor_state):
+    if not has_monitor_tables(conn, monitor_state):
         return None
     found = read_version(conn)
     if found is not None and found > CURRENT:
         raise SchemaTooNew(too_new_message(found))
     return BASE_VERSION if found is None else found
+
+
+def has_history(conn) -> bool:
+    """The tables hold the history (_MonitorHistory); raises SchemaTooNew. Reads only."""
+    version = check(conn)
+    return version is not None and version >= HISTORY_VERSION
 
 
 def upgrade(engine: sa.Engine) -> tuple[int | None, int]:
@@ -76,7 +78,6 @@ def upgrade(engine: sa.Engine) -> tuple[int | None, int]:
     try:
         return _upgrade(engine)
     except sa.exc.DBAPIError as err:
-        from .source import is_outage
         if is_outage(err):
             raise
         log.debug("Atualização das tabelas concorrente (%s); conferindo de novo.", err)
@@ -84,8 +85,6 @@ def upgrade(engine: sa.Engine) -> tuple[int | None, int]:
 
 
 def _upgrade(engine: sa.Engine) -> tuple[int | None, int]:
-    from .source import _utcnow  # the monitor's clock for UpdatedAt (UTC, naive)
-
     with engine.begin() as conn:
         found = check(conn)
         fresh = found is None
@@ -100,9 +99,5 @@ def _upgrade(engine: sa.Engine) -> tuple[int | None, int]:
                     log.info("Tabelas do monitor atualizadas para a versão %d (%s).", target,
                              (STEPS[target].__doc__ or "").split(":", 1)[-1].strip())
         if found != CURRENT:
-            now = _utcnow()
-            if conn.execute(monitor_state.update().where(monitor_state.c.Name == VERSION_ROW)
-                            .values(LastItemId=CURRENT, UpdatedAt=now)).rowcount == 0:
-                conn.execute(monitor_state.insert().values(Name=VERSION_ROW, LastItemId=CURRENT,
-                                                           UpdatedAt=now))
+            save_state_row(conn, VERSION_ROW, CURRENT, utcnow())
     return found, CURRENT

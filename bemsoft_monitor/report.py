@@ -182,11 +182,9 @@ def run_report(settings, text: str, output: str | None, err=None) -> int:
         connect_check(engine, settings)
         translated = engine.execution_options(schema_translate_map=monitor_schema_map(engine.dialect.name))
         with translated.connect() as conn:
-            version = migrations.check(conn)
-        if version is None or version < 2:
-            print("Erro: as tabelas do monitor ainda não têm o histórico (_MonitorHistory): "
-                  "inicie o monitor desta versão uma vez.", file=err)
-            return 2
+            if not migrations.has_history(conn):
+                print(f"Erro: {migrations.NO_HISTORY}.", file=err)
+                return 2
         buffer = io.StringIO()
         counts = write_report(settings, engine, period, buffer)
     except migrations.SchemaTooNew as problem:

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from .db import first_line, monitor_schema_map
 from .payload import external_token
-from .schema import (ItemStatus, item_sol, monitor_history, monitor_items, monitor_metadata,
+from .schema import (ItemStatus, item_sol, monitor_history, monitor_items,
                      monitor_state, paciente, solicitacao)
 
 log = logging.getLogger(__name__)
@@ -95,19 +95,11 @@ class LegacySource:
 
     # ----------------------------------------------------------------- monitor tables
     def state_tables_exist(self) -> bool:
-        schema = "dbo" if self.engine.dialect.name == "mssql" else None
-        inspector = sa.inspect(self.engine)
-        return (inspector.has_table(monitor_state.name, schema=schema)
-                and inspector.has_table(monitor_items.name, schema=schema))
-
-    def ensure_state_tables(self) -> None:
-        monitor_metadata.create_all(self.engine, checkfirst=True)
+        return has_monitor_tables(self.engine, monitor_state, monitor_items)
 
     @property
     def token_note_name(self) -> str:
-        """State row kept while the API refuses the token: LastItemId is the HTTP status,
-        UpdatedAt since when (UTC). `--status`, another process, reads it."""
-        return f"{self.name}#token-recusado"
+        return token_note_name(self.name)
 
     def note(self, name: str, value: int | None) -> None:
         """Set (or, with None, remove) one of the monitor's state rows other than the
@@ -116,7 +108,7 @@ class LegacySource:
             if value is None:
                 conn.execute(state_delete_statement(name))
             elif conn.execute(checkpoint_read_statement(name)).first() is None:
-                conn.execute(checkpoint_insert_statement(name, value, _utcnow()))
+                conn.execute(checkpoint_insert_statement(name, value, utcnow()))
 
     def read_note(self, name: str) -> tuple[int, dt.datetime] | None:
         with self.engine.connect() as conn:
@@ -125,9 +117,7 @@ class LegacySource:
 
     @property
     def floor_name(self) -> str:
-        """State row holding the start point: the look-back window never reaches below it
-        (items before the first start, or handled by an older monitor, are not ours)."""
-        return f"{self.name}#inicio"
+        return floor_name(self.name)
 
     def _scalar(self, statement):
         with self.engine.connect() as conn:
@@ -211,7 +201,7 @@ class LegacySource:
                      history: Sequence[dict] = ()) -> None:
         """Record "sending" (with its key) for items that have no record yet, before the POST,
         with their `history` rows (_MonitorHistory), in one transaction."""
-        now = _utcnow()
+        now = utcnow()
         rows = [{"Name": self.name, "CodItemSol": item_id, "CodSolicitacao": external_token(cod),
                  "Status": ItemStatus.SENDING, "IdemKey": key, "UpdatedAt": now}
                 for item_ids, cod, key in groups for item_id in item_ids]
@@ -223,15 +213,9 @@ class LegacySource:
 
     @staticmethod
     def _history(conn, rows: Sequence[dict]) -> None:
-        """The history rows of a transaction: one executemany, whatever their number (one
-        per set of columns: a row holds only the columns it has a value for, and the rows
-        of one transaction nearly always share them)."""
-        if not rows:
-            return
-        first = tuple(rows[0])
-        if all(len(r) == len(first) and tuple(r) == first for r in rows):
-            conn.execute(monitor_history.insert(), list(rows))
-            return
+        """The history rows of a transaction: one executemany per set of columns (a row
+        holds only the columns it has a value for, and the rows of one transaction nearly
+        always share them: one executemany, whatever their number)."""
         groups: dict[tuple, list] = {}
         for row in rows:
             groups.setdefault(tuple(row), []).append(row)
@@ -246,7 +230,7 @@ class LegacySource:
                          .where(monitor_items.c.Name == self.name,
                                 monitor_items.c.CodItemSol.in_(list(item_ids)))
                          .values(Status=ItemStatus.NOFILE, Reason=reason[:1000], HttpStatus=http_status,
-                                 UpdatedAt=_utcnow()))
+                                 UpdatedAt=utcnow()))
             self._history(conn, history)
 
     def record(self, outcomes: Sequence[Outcome], checkpoint: int | None,
@@ -254,7 +238,7 @@ class LegacySource:
                history: Sequence[dict] = ()) -> None:
         """Record outcomes (with their `history` rows), move the checkpoint (and the
         look-back floor) and prune old records, in one short transaction."""
-        now = _utcnow()
+        now = utcnow()
         with self.engine.begin() as conn:
             self._history(conn, history)
             by_status: dict[str, list[int]] = {}
@@ -284,7 +268,7 @@ class LegacySource:
 
     def statements(self) -> dict:
         """Every statement the monitor runs, for checking the SQL each dialect compiles."""
-        now = _utcnow()
+        now = utcnow()
         return {
             "page": self.page_statement(0, 500),
             "followup": self.followup_statement([1, 2], 0),
@@ -307,12 +291,10 @@ class LegacySource:
 
     def save_checkpoint(self, value: int, name: str | None = None) -> None:
         with self.engine.begin() as conn:
-            self._save_checkpoint(conn, value, _utcnow(), name)
+            self._save_checkpoint(conn, value, utcnow(), name)
 
     def _save_checkpoint(self, conn, value: int, now, name: str | None = None) -> None:
-        name = name or self.name
-        if not conn.execute(checkpoint_update_statement(name, value, now)).rowcount:
-            conn.execute(checkpoint_insert_statement(name, value, now))
+        save_state_row(conn, name or self.name, value, now)
 
     def last_delivery_statement(self):
         return (sa.select(sa.func.max(monitor_items.c.UpdatedAt))
@@ -449,6 +431,31 @@ def unique_rows(rows: list[ItemRow]) -> list[ItemRow]:
     return unique
 
 
+def token_note_name(monitor: str) -> str:
+    """State row kept while the API refuses the token: LastItemId is the HTTP status,
+    UpdatedAt since when (UTC). `--status`, another process, reads it."""
+    return f"{monitor}#token-recusado"
+
+
+def floor_name(monitor: str) -> str:
+    """State row holding the start point: the look-back window never reaches below it
+    (items before the first start, or handled by an older monitor, are not ours)."""
+    return f"{monitor}#inicio"
+
+
+def has_monitor_tables(bind, *tables: sa.Table) -> bool:
+    """Whether every one of the monitor's `tables` exists (in dbo on SQL Server)."""
+    schema = "dbo" if bind.dialect.name == "mssql" else None
+    inspector = sa.inspect(bind)
+    return all(inspector.has_table(table.name, schema=schema) for table in tables)
+
+
+def save_state_row(conn, name: str, value: int, now) -> None:
+    """Set one _MonitorState row (a checkpoint, the floor, the schema version)."""
+    if not conn.execute(checkpoint_update_statement(name, value, now)).rowcount:
+        conn.execute(checkpoint_insert_statement(name, value, now))
+
+
 def checkpoint_read_statement(name: str):
     return sa.select(monitor_state.c.LastItemId).where(monitor_state.c.Name == name)
 
@@ -471,5 +478,5 @@ def checkpoint_insert_statement(name: str, value: int, now):
     return monitor_state.insert().values(Name=name, LastItemId=value, UpdatedAt=now)
 
 
-def _utcnow() -> dt.datetime:
+def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)

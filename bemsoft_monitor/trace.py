@@ -29,7 +29,7 @@ from .payload import external_token
 from .reasons import reason_group
 from .schema import (HistoryEvent, ItemStatus, item_sol, monitor_history, monitor_items,
                      monitor_state, solicitacao)
-from .source import is_outage, jsonable
+from .source import floor_name, has_monitor_tables, is_outage, jsonable, token_note_name
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ MAX_CODE = 64            # characters of a solicitation code accepted in a searc
 MAX_FILES = 20000        # files looked at in FAILED_DIR and `sent` (by name; few are read)
 _ITEM_QUERY = re.compile(r"(?i)item\s*[:\-\s]\s*(\S*)")
 _SOL_QUERY = re.compile(r"(?i)sol(?:icita[cç][aã]o)?\s*[:\-\s]\s*(\S+)")
-_SAFE_NAME = re.compile(r"[^0-9A-Za-z_-]")
 
 
 class QueryError(ValueError):
@@ -239,7 +238,7 @@ class Tracer:
         name = self.settings.monitor_name
         st = monitor_state.c
         return (sa.select(st.Name, st.LastItemId, st.UpdatedAt)
-                .where(st.Name.in_([name, f"{name}#inicio", f"{name}#token-recusado"])))
+                .where(st.Name.in_([name, floor_name(name), token_note_name(name)])))
 
     def records_statement(self, query: TraceQuery, tokens: Sequence[str], lis_ids: Sequence[int]):
         m = monitor_items.c
@@ -320,20 +319,17 @@ class Tracer:
     # ---------------------------------------------------------------- the monitor's records
     def _read_records(self, query: TraceQuery, lis_ids: Sequence[int], cods: set[str]) -> _Records:
         name = self.settings.monitor_name
-        schema = "dbo" if self.engine.dialect.name == "mssql" else None
-        inspector = sa.inspect(self.engine)
         records = _Records()
-        records.tables = (inspector.has_table(monitor_state.name, schema=schema)
-                          and inspector.has_table(monitor_items.name, schema=schema))
-        records.history = inspector.has_table(monitor_history.name, schema=schema)
+        records.tables = has_monitor_tables(self.engine, monitor_state, monitor_items)
+        records.history = has_monitor_tables(self.engine, monitor_history)
         if not records.tables:
             return records
         tokens = sorted({external_token(c) for c in cods})
         with self.engine.connect() as conn:
             state = {row[0]: (int(row[1]), row[2]) for row in conn.execute(self.state_statement())}
             records.checkpoint = state[name][0] if name in state else None
-            records.floor = state[f"{name}#inicio"][0] if f"{name}#inicio" in state else None
-            records.token_refused = state.get(f"{name}#token-recusado")
+            records.floor = state[floor_name(name)][0] if floor_name(name) in state else None
+            records.token_refused = state.get(token_note_name(name))
             for row in conn.execute(self.records_statement(query, tokens, lis_ids)):
                 records.items[int(row.CodItemSol)] = dict(row._mapping)
             if records.history:
@@ -348,7 +344,7 @@ class Tracer:
         (the `sent` folder, `*.sent`)."""
         # only files named after these codes are read (a search never reads the whole folder);
         # an item without a solicitation is filed as `sem_cod`
-        names = {_SAFE_NAME.sub("_", c)[:40] or "sem_cod" for c in cods} | {"sem_cod"}
+        names = {FailureStore.cod_part(c) for c in cods} | {FailureStore.cod_part("")}
         wanted = re.compile(r"(?:\d{8}T\d{6}Z_)?(?:" + "|".join(map(re.escape, sorted(names))) + ")_")
         tokens = {external_token(c) for c in cods}
         found = []

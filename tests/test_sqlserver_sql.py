@@ -8,6 +8,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import mssql
 
+from bemsoft_monitor import migrations
 from bemsoft_monitor.db import monitor_schema_map
 from bemsoft_monitor.schema import monitor_metadata
 from bemsoft_monitor.source import LegacySource
@@ -99,7 +100,7 @@ def test_postgres_plan_uses_the_primary_key_index(pg_url):
     from bemsoft_monitor.testing.sampledata import bulk_orders
     engine = sa.create_engine(pg_url)
     source = LegacySource(engine, "bemsoft", [LAB])
-    source.ensure_state_tables()
+    migrations.upgrade(source.engine)        # the monitor's tables, as a start makes them
     bulk_orders(engine, 3000, 3, terceirizado=LAB)
     with engine.begin() as conn:
         conn.execute(sa.text('ANALYZE "ItemSol"'))
