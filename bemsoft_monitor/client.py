@@ -293,23 +293,21 @@ class BemsoftClient:
         if answer.truncated:  # not a portal: a catalog larger than any the API is known to send
             raise ApiError(f"GET /tests: resposta maior que {CATALOG_CAP // (1024 * 1024)} MiB; "
                            "catálogo descartado", permanent=False, status=answer.status)
-        if answer.status == 200:   # the usual answer: parsed once, here
+        data = None
+        if answer.status == 200:   # the catalog is parsed once, here
             try:
                 data = json.loads(answer.body)
             except ValueError:
-                data = None
-            if isinstance(data, dict) and not body_error(data):
+                pass
+            if isinstance(data, dict) and not body_error(data):   # the usual answer
                 return data
         outcome, reason, unexpected = judge(answer.status, answer.body, self.settings)
         if answer.status == 403:  # GET /tests carries no order: a 403 refuses the token
             outcome, reason = Verdict.TOKEN_REFUSED, token_refused_reason(403)
-        if answer.status != 200 or unexpected:
+        if answer.status != 200 or unexpected:   # (a 200 that is not JSON is unexpected)
             raise ApiError(self.redact(f"GET /tests: {reason}"), status=answer.status,
                            permanent=outcome in (Verdict.PERMANENT, Verdict.TOKEN_REFUSED))
-        try:
-            return json.loads(answer.body)
-        except ValueError as err:
-            raise ApiError(f"GET /tests: {UNEXPECTED}", permanent=False) from err
+        return data
 
     # ------------------------------------------------------------- delivery
     def post_once(self, body: bytes, key: str) -> tuple[int, bytes, float | None]:
