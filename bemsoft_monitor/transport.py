@@ -324,20 +324,27 @@ def _receive(conn: _Conn, method: str, cap: int, deadline: float) -> tuple[Answe
     return Answer(status, body, retry_after, truncated), False
 
 
-def _read_head(conn: _Conn, deadline: float) -> tuple[int, str, dict]:
-    buf = conn.buf
+def _read_until(conn: _Conn, sep: bytes, deadline: float, too_long: str, closed: str,
+                closed_before: str | None = None) -> bytes:
+    """The bytes before `sep` (`sep` consumed), at most HEAD_CAP of them. A connection
+    closed first raises ConnectionResetError(`closed`, or `closed_before` when nothing came)."""
     while True:
-        end = buf.find(b"\r\n\r\n")
+        end = conn.buf.find(sep)
         if end >= 0:
-            break
-        if len(buf) > HEAD_CAP:
-            raise BadAnswer("cabeçalho da resposta maior que 64 KiB")
+            data, conn.buf = conn.buf[:end], conn.buf[end + len(sep):]
+            return data
+        if len(conn.buf) > HEAD_CAP:
+            raise BadAnswer(too_long)
         chunk = _recv(conn, deadline)
         if not chunk:
-            raise ConnectionResetError("conexão encerrada antes da resposta" if not buf
-                                       else "conexão encerrada no meio do cabeçalho")
-        buf += chunk
-    head, conn.buf = buf[:end].decode("latin-1"), buf[end + 4:]
+            raise ConnectionResetError(closed if conn.buf or closed_before is None else closed_before)
+        conn.buf += chunk
+
+
+def _read_head(conn: _Conn, deadline: float) -> tuple[int, str, dict]:
+    head = _read_until(conn, b"\r\n\r\n", deadline, "cabeçalho da resposta maior que 64 KiB",
+                       "conexão encerrada no meio do cabeçalho",
+                       "conexão encerrada antes da resposta").decode("latin-1")
     lines = head.split("\r\n")
     parts = lines[0].split(" ", 2)
     # three ASCII digits, 100-599: isdigit() takes "²⁰¹" (int() then raised ValueError, an
@@ -384,17 +391,8 @@ def _read_to_close(conn: _Conn, cap: int, deadline: float) -> tuple[bytes, bool]
 
 
 def _read_line(conn: _Conn, deadline: float) -> bytes:
-    while True:
-        end = conn.buf.find(b"\r\n")
-        if end >= 0:
-            line, conn.buf = conn.buf[:end], conn.buf[end + 2:]
-            return line
-        if len(conn.buf) > HEAD_CAP:
-            raise BadAnswer("linha de bloco (chunked) longa demais")
-        chunk = _recv(conn, deadline)
-        if not chunk:
-            raise ConnectionResetError("conexão encerrada no meio da resposta")
-        conn.buf += chunk
+    return _read_until(conn, b"\r\n", deadline, "linha de bloco (chunked) longa demais",
+                       "conexão encerrada no meio da resposta")
 
 
 def _read_chunked(conn: _Conn, cap: int, deadline: float) -> tuple[bytes, bool]:
