@@ -41,6 +41,7 @@ _KEY_VALUE = re.compile(
 _KEY_HINT = re.compile("token|pass|pwd|senha|secret|key|auth|bearer")  # on the lowered text
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/-]{8,}=*")
 
+
 def redact(text: str, settings: Settings | None, *, one_line: bool = False) -> str:
     """`text` with its control characters made visible and without secrets. Newlines stay
     (tracebacks, indented JSON) unless `one_line`: then a newline from a LIS code or an
