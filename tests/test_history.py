@@ -343,6 +343,26 @@ def test_no_patient_data_in_the_history_reasons(harness):
         assert private not in text, reasons
 
 
+def test_the_report_never_holds_patient_data_or_the_token(harness):
+    """The CSV is a new way out: fed an order whose patient has a name, CPF and birth date
+    and a 400 that echoes them with the token, it holds codes, keys and outcomes only."""
+    import io
+    from bemsoft_monitor.report import parse_period, write_report
+    from bemsoft_monitor.testing.harness import TOKEN
+    harness.order(720, ["GLI"], patient={"nome": "Maria Joana Silva", "cpf": "987.654.321-00"})
+    harness.api.fail_next(1, status=400, body={
+        "error": f"paciente Maria Joana Silva CPF 98765432100 nascida em 1980-01-02 token {TOKEN}"})
+    harness.order(721, ["TSH"], patient={"nome": "Maria Joana Silva", "cpf": "987.654.321-00"})
+    monitor = harness.monitor()
+    monitor.run("drain")
+    out = io.StringIO()
+    today = dt.datetime.now(monitor.settings.tz).strftime("%Y-%m")
+    counts = write_report(monitor.settings, harness.engine, parse_period(today), out)
+    assert (counts.delivered, counts.failed) == (1, 1), out.getvalue()
+    for private in ("Maria", "Silva", "98765432100", "987.654.321-00", "1980-01-02", TOKEN):
+        assert private not in out.getvalue(), private
+
+
 @pytest.mark.parametrize("period", ["", "9999-12-31", "\uff12\uff10\uff12\uff16-\uff11\uff11", "0001-01-01"])
 def test_report_refuses_an_odd_period_with_exit_2(legacy, env_file, period):
     """`--report ""` (an empty variable in a script) started the monitor itself; 9999-12-31
